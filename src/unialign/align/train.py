@@ -1,0 +1,225 @@
+"""The training loop: plain PyTorch, short enough to hold in your head.
+
+Data order is a pure function of (seed, epoch), so a checkpoint needs only model, loss, optimiser and
+scheduler states, the step, the early-stopping state and the torch RNG (for dropout): a run resumed
+from any checkpoint ends with exactly the weights of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..device import autocast, pick_device
+from ..io import atomic_path
+from .data import Features, Pairs
+from .heads import HeadPair, count_parameters
+from .losses import make_loss, multi_positive, structure_regularizer
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one head training. Defaults: validated on held-out *validation* concepts."""
+
+    head: str = "linear"
+    text_head: str | None = None  # None = same kind as the image head
+    head_options: dict[str, Any] = field(default_factory=dict)
+    dim: int = 256
+    loss: str = "infonce"
+    loss_options: dict[str, Any] = field(default_factory=dict)
+    captions_per_step: int = 1  # >1: SAIL multi-positive, one loss block per caption set
+    structure_lambda: float = 0.0
+    structure_levels: int = 1
+    structure_tau: float = 0.05
+    structure_warmup: int = 1000
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 50
+    epochs: int = 40
+    max_steps: int | None = None
+    eval_every: int = 50  # steps between validations (0: never)
+    patience: int = 6  # validations without improvement before stopping (0: never stop early)
+    checkpoint_every: int = 100  # steps between checkpoints, when a checkpoint file is given (0: none)
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class TrainResult:
+    model: HeadPair
+    loss: torch.nn.Module
+    history: list[dict[str, float]]
+    best_step: int
+    best_score: float
+    steps: int
+    seconds: float
+    parameters: int
+
+
+def build_model(cfg: TrainConfig, image_dim: int, text_dim: int) -> HeadPair:
+    return HeadPair.build(cfg.head, image_dim, text_dim, cfg.dim, cfg.text_head,
+                          cfg.head_options.get("image", cfg.head_options.get("all", {})),
+                          cfg.head_options.get("text", cfg.head_options.get("all", {})))
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warmup, then cosine decay to 0."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(
+    img: Features,
+    txt: Features,
+    pairs: Pairs,
+    cfg: TrainConfig,
+    validate: Callable[[HeadPair], dict[str, float]] | None = None,
+    checkpoint: str | Path | None = None,
+    log: Callable[[str], None] | None = print,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train a :class:`HeadPair` on paired cached features.
+
+    ``validate(model) -> {"score": ..., ...}`` is called every ``eval_every`` steps; the best-scoring
+    weights are kept and training stops after ``patience`` validations without improvement.
+    ``checkpoint`` is a file to resume from and save to every ``checkpoint_every`` steps.
+    ``stop_after`` ends the run early at that step (used to test resuming).
+    """
+    if len(pairs) < 2:
+        raise ValueError(f"need at least 2 training pairs, got {len(pairs)}")
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, img.dim, txt.dim)
+    _fit_standardizers(model, img, txt, pairs, cfg.seed)
+    model.to(device)
+    loss_fn = make_loss(cfg.loss, **cfg.loss_options).to(device)
+    params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=cfg.betas)
+
+    bs = min(cfg.batch_size, len(pairs))
+    steps_per_epoch = max(1, len(pairs) // bs)
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    state = {"step": 0, "history": [], "best_score": -math.inf, "best_step": 0, "best": None, "bad": 0}
+    run_key = {"config": asdict(cfg), "n_pairs": len(pairs), "dims": [img.dim, txt.dim]}
+    if checkpoint is not None and Path(checkpoint).exists():
+        resumed = _load_checkpoint(checkpoint, model, loss_fn, opt, run_key)
+        if resumed is not None:
+            state = resumed
+            if log:
+                log(f"resumed from {checkpoint} at step {state['step']}")
+        elif log:
+            log(f"ignoring {checkpoint}: it belongs to another configuration or data; starting afresh")
+
+    t0 = time.perf_counter()
+    epoch_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    step = state["step"]
+    while step < total:
+        if stop_after is not None and step >= stop_after:
+            break
+        epoch, k = divmod(step, steps_per_epoch)
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            rng = np.random.default_rng([cfg.seed, epoch])
+            epoch_cache[epoch] = (rng.permutation(len(pairs)), rng.random(len(pairs)))
+        perm, draw = epoch_cache[epoch]
+        items = perm[k * bs : (k + 1) * bs]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, cfg.warmup_steps, cfg.lr)
+
+        model.train()
+        x_img = torch.from_numpy(img[pairs.image_rows[items]]).to(device, non_blocking=True)
+        x_txts = [torch.from_numpy(txt[pairs.caption_rows(items, draw[items], shift)]).to(device, non_blocking=True)
+                  for shift in range(cfg.captions_per_step)]
+        groups = torch.from_numpy(pairs.groups[items]).to(device)
+        with autocast(device):
+            z_img = model.project_image(x_img)
+            z_txts = [model.project_text(x) for x in x_txts]
+        loss = multi_positive(loss_fn, z_img, z_txts, groups)
+        reg = torch.zeros((), device=device)
+        if cfg.structure_lambda > 0:
+            reg = (structure_regularizer(x_img, z_img, cfg.structure_levels, cfg.structure_tau)
+                   + structure_regularizer(x_txts[0], z_txts[0], cfg.structure_levels, cfg.structure_tau)) / 2
+            loss = loss + cfg.structure_lambda * min(1.0, (step + 1) / max(1, cfg.structure_warmup)) * reg
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        state["step"] = step
+
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
+        last = step == total
+        if validate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or last):
+            model.eval()
+            metrics = validate(model)
+            rec = {"step": step, "loss": float(loss.item()), "reg": float(reg.item()),
+                   "temperature": float(loss_fn.temperature), "lr": opt.param_groups[0]["lr"], **metrics}
+            state["history"].append(rec)
+            if metrics["score"] > state["best_score"]:
+                state.update(best_score=metrics["score"], best_step=step, best=copy.deepcopy(model.state_dict()), bad=0)
+            else:
+                state["bad"] += 1
+            if log:
+                log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+            if cfg.patience and state["bad"] >= cfg.patience:
+                if log:
+                    log(f"early stop at step {step}: no improvement for {cfg.patience} validations")
+                total = step
+        if checkpoint is not None and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total):
+            _save_checkpoint(checkpoint, model, loss_fn, opt, state, run_key)
+
+    if state["best"] is not None:
+        model.load_state_dict(state["best"])
+    model.eval()
+    return TrainResult(model.cpu(), loss_fn.cpu(), state["history"], state["best_step"], state["best_score"], step,
+                       time.perf_counter() - t0, count_parameters(model))
+
+
+def _fit_standardizers(model: HeadPair, img: Features, txt: Features, pairs: Pairs, seed: int, n: int = 50_000) -> None:
+    """Per-dimension mean/std of the training features (a sample of at most ``n`` rows)."""
+    rng = np.random.default_rng([seed, 99])
+    pick = np.sort(rng.choice(len(pairs), size=min(n, len(pairs)), replace=False))
+    model.image.standardize.fit(torch.from_numpy(img[np.unique(pairs.image_rows[pick])]))
+    model.text.standardize.fit(torch.from_numpy(txt[np.unique(pairs.text_flat)]))
+
+
+def _save_checkpoint(path: str | Path, model: HeadPair, loss_fn: torch.nn.Module, opt: torch.optim.Optimizer,
+                     state: dict[str, Any], run_key: dict[str, Any]) -> None:
+    payload = {"model": model.state_dict(), "loss": loss_fn.state_dict(), "opt": opt.state_dict(),
+               "state": state, "torch_rng": torch.get_rng_state(), "run_key": run_key}
+    if torch.cuda.is_available():
+        payload["cuda_rng"] = torch.cuda.get_rng_state_all()
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _load_checkpoint(path: str | Path, model: HeadPair, loss_fn: torch.nn.Module, opt: torch.optim.Optimizer,
+                     run_key: dict[str, Any]) -> dict[str, Any] | None:
+    """Restore a checkpoint of the same configuration and data; ``None`` if it is of another run."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if payload.get("run_key") != run_key:
+        return None
+    model.load_state_dict(payload["model"])
+    loss_fn.load_state_dict(payload["loss"])
+    opt.load_state_dict(payload["opt"])
+    torch.set_rng_state(payload["torch_rng"])
+    if "cuda_rng" in payload and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(payload["cuda_rng"])
+    return payload["state"]
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return asdict(cfg)

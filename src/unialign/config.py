@@ -1,0 +1,150 @@
+"""Typed run configuration: every field has a default, and every bad value is reported by its dotted
+name with what is accepted (``train.lr: expected a number, got 'fast'``).
+
+A config file is YAML or TOML with the sections below; anything left out keeps its default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .align.train import TrainConfig
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "emoji"  # "emoji", a table (.csv/.jsonl/.parquet), an image folder, or a saved dataset
+    # None: the dataset's default (emoji: train on google+twitter+openmoji, test on apple; others: all)
+    train_styles: list[str] | None = None
+    test_styles: list[str] | None = None
+    split: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])  # train / val / test concepts
+    split_seed: int = 0
+    max_train_concepts: int | None = None  # low-data runs: keep only this many training concepts
+
+
+@dataclass
+class EncoderConfig:
+    image: str = "effnet-lite0?image_size=128"
+    text: str = "st:all-MiniLM-L6-v2"
+    image_layers: list[str] = field(default_factory=lambda: ["final"])
+    text_layers: list[str] = field(default_factory=lambda: ["final"])
+    batch_size: int = 64
+    dtype: str = "float16"
+    num_workers: int | None = None
+    strict: bool = False
+
+
+@dataclass
+class EvalConfig:
+    templates: str = "emoji"
+    fashion_mnist: bool = True
+    fashion_templates: str = "photo"
+    retrieval_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    output: str = "runs/default"
+    recipe: str = "unialign"
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)
+    train: dict[str, Any] = field(default_factory=dict)  # overrides of the recipe's TrainConfig / aligner
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read YAML/TOML (or nothing: the built-in default) and apply dotted overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        text = p.read_text(encoding="utf-8")
+        try:
+            raw = tomllib.loads(text) if p.suffix == ".toml" else (yaml.safe_load(text) or {})
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = value
+    cfg = from_dict(RunConfig, raw)
+    validate_train_overrides(cfg.train)
+    return cfg
+
+
+def from_dict(cls: type, raw: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking names and types field by field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown option; accepted: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(hints[name], value, f"{where + '.' if where else ''}{name}") for name, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if tp is Any:
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item_t = args[0] if args else Any
+        return [_coerce(item_t, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def validate_train_overrides(train: dict[str, Any]) -> None:
+    """``train`` overrides either TrainConfig fields or closed-form parameters (``params``)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)} | {"params"}
+    unknown = sorted(set(train) - names)
+    if unknown:
+        raise ConfigError(f"train.{unknown[0]}: unknown option; accepted: {', '.join(sorted(names))}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

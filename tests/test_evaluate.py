@@ -1,0 +1,79 @@
+"""Zero-shot and retrieval metrics with CLIP_benchmark's meanings, chance levels, report format."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unialign.evaluate.metrics import (class_embeddings, retrieval_chance, retrieval_scores, topk_indices,
+                                       zero_shot_chance, zero_shot_scores)
+from unialign.evaluate.report import markdown_table, record, write_results
+from unialign.evaluate.templates import get_templates
+
+
+def test_zero_shot_scores_by_hand():
+    classes = torch.eye(3)
+    imgs = F.normalize(torch.tensor([[1.0, 0.1, 0], [0.2, 1.0, 0.0], [1.0, 0.0, 0.5], [0, 0, 1.0]]), dim=-1)
+    labels = [0, 1, 2, 2]  # image 2 is predicted 0 (wrong), the others right
+    s = zero_shot_scores(imgs, classes, labels)
+    assert s["acc1"] == pytest.approx(0.75)
+    assert s["acc5"] == pytest.approx(1.0)
+    assert s["mean_per_class_recall"] == pytest.approx((1 + 1 + 0.5) / 3)
+
+
+def test_class_embeddings_average_normalised_templates():
+    per_t = torch.tensor([[[2.0, 0.0], [0.0, 1.0]]])  # one class, two templates of different norms
+    w = class_embeddings(per_t)
+    assert torch.allclose(w, F.normalize(torch.tensor([[1.0, 1.0]]), dim=-1))
+
+
+def test_retrieval_with_several_captions():
+    img = torch.eye(3)
+    # captions: 0,1 -> image 0; 2 -> image 1; 3 -> image 2 (but looks like image 0)
+    txt = torch.tensor([[1.0, 0, 0], [0.9, 0.1, 0], [0, 1.0, 0], [1.0, 0, 0.2]])
+    txt = F.normalize(txt, dim=-1)
+    s = retrieval_scores(img, txt, [0, 0, 1, 2], ks=(1, 2))
+    assert s["image_retrieval_recall@1"] == pytest.approx(0.75)  # caption 3 finds image 0 first
+    assert s["image_retrieval_recall@2"] == pytest.approx(1.0)
+    # image 2's best texts are 3 (cos .196) then ... ; image 0 hits caption 0
+    assert s["text_retrieval_recall@1"] == pytest.approx(1.0)
+
+
+def test_chance_levels_match_simulation():
+    rng = np.random.default_rng(0)
+    t2i = np.repeat(np.arange(50), 3)
+    sims = []
+    for _ in range(200):
+        img, txt = F.normalize(torch.randn(50, 8), dim=-1), F.normalize(torch.randn(150, 8), dim=-1)
+        sims.append(retrieval_scores(img, txt, t2i, ks=(5,)))
+    ch = retrieval_chance(50, t2i, ks=(5,))
+    for k in ("image_retrieval_recall@5", "text_retrieval_recall@5"):
+        assert np.mean([s[k] for s in sims]) == pytest.approx(ch[k], abs=0.02)
+    assert zero_shot_chance([0, 1], 400)["acc1"] == pytest.approx(1 / 400)
+
+
+def test_topk_chunked_equals_full():
+    q, k = torch.randn(37, 5), torch.randn(23, 5)
+    assert torch.equal(topk_indices(q, k, 4, chunk=5), torch.topk(q @ k.T, 4).indices)
+
+
+def test_report_is_clip_benchmark_shaped(tmp_path):
+    r = record("emoji-test", "m", "runs/x", "zeroshot_classification", {"acc1": 0.2, "acc5": 0.4, "mean_per_class_recall": 0.2},
+               {"acc1": 0.01, "acc5": 0.05, "mean_per_class_recall": 0.01})
+    paths = write_results(tmp_path, [r])
+    data = json.loads(paths[0].read_text())
+    assert {"dataset", "model", "pretrained", "task", "metrics", "language"} <= set(data)
+    table = markdown_table([r])
+    assert "| emoji-test | zeroshot_classification | acc1 | 20.00 | 1.00 | 20.0 |" in table
+
+
+def test_templates_validation():
+    assert get_templates("emoji")[0].count("{}") == 1
+    with pytest.raises(ValueError):
+        get_templates(["no placeholder"])
+    with pytest.raises(ValueError):
+        get_templates("nope")

@@ -1,0 +1,77 @@
+"""Tiny deterministic encoders and datasets that tests build on the fly (no downloads, milliseconds)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from unialign.data.base import PairDataset
+from unialign.encoders.base import FINAL, Encoder
+
+
+class _Prep:
+    """Picklable preprocessing: resize to 8x8, to a CHW float tensor."""
+
+    def __call__(self, im: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(im.resize((8, 8)), dtype=np.float32).transpose(2, 0, 1) / 255.0)
+
+
+class TinyImageEncoder(Encoder):
+    """A fixed random linear map of 8x8 RGB pixels, with one intermediate "layer"."""
+
+    def __init__(self, dim: int = 12):
+        g = torch.Generator().manual_seed(0)
+        self.w1 = torch.randn(192, 24, generator=g)
+        self.w2 = torch.randn(24, dim, generator=g)
+        self.spec, self.modality, self.dim, self.version = "tiny-image", "image", dim, "1"
+        self.layer_dims = {FINAL: dim, "hidden": 24}
+        self.device = torch.device("cpu")
+
+    def preprocess(self) -> Any:
+        return _Prep()
+
+    def forward(self, batch: torch.Tensor, layers: Sequence[str] = (FINAL,)) -> dict[str, torch.Tensor]:
+        h = torch.tanh(batch.flatten(1) @ self.w1)
+        out = {"hidden": h, FINAL: h @ self.w2}
+        return {k: out[k] for k in layers}
+
+
+class TinyTextEncoder(Encoder):
+    """Bag of character trigrams hashed into ``dim`` buckets."""
+
+    def __init__(self, dim: int = 16):
+        self.spec, self.modality, self.dim, self.version = "tiny-text", "text", dim, "1"
+        self.layer_dims = {FINAL: dim}
+        self.device = torch.device("cpu")
+
+    def forward(self, batch: Sequence[str], layers: Sequence[str] = (FINAL,)) -> dict[str, torch.Tensor]:
+        out = torch.zeros(len(batch), self.dim)
+        for i, t in enumerate(batch):
+            for j in range(max(1, len(t) - 2)):
+                out[i, sum(map(ord, t[j : j + 3])) % self.dim] += 1.0
+        return {FINAL: out}
+
+
+def make_image_dataset(folder: Path, n: int = 40, bad: dict[int, str] | None = None) -> PairDataset:
+    """``n`` small coloured PNGs with two captions each; ``bad`` maps index -> kind of corruption."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(n):
+        p = folder / f"img_{i:03d}.png"
+        Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(p)
+        kind = (bad or {}).get(i)
+        if kind == "empty":
+            p.write_bytes(b"")
+        elif kind == "truncated":
+            p.write_bytes(p.read_bytes()[:30])
+        elif kind == "text":
+            p.write_text("not an image")
+        elif kind == "missing":
+            p.unlink()
+        recs.append({"id": str(i), "image": p.name, "captions": [f"thing {i % 7}", f"caption number {i}"],
+                     "concept": f"c{i % 7}", "label": f"thing {i % 7}", "style": "s" + str(i % 2)})
+    return PairDataset("tiny", recs, folder)
