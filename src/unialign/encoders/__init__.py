@@ -70,7 +70,8 @@ def load_encoder(spec: str, device: str | torch.device | None = None, **options:
     for prefix, (builder, _) in sorted(_REGISTRY.items(), key=lambda kv: -len(kv[0])):
         if name.startswith(prefix):
             return builder(name[len(prefix):], device, **spec_options)
-    raise ConfigError(f"unknown encoder spec {spec!r}; accepted forms: {', '.join(accepted_forms())}")
+    raise ConfigError(f"unknown encoder spec {spec!r}; accepted forms: {', '.join(accepted_forms())}; "
+                      "options as <name>?key=value&key=value")
 
 
 def accepted_forms() -> list[str]:

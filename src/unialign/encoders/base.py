@@ -73,9 +73,15 @@ class Encoder(ABC):
         show_progress_bar: bool | None = None,
         convert_to_numpy: bool = True,
         normalize_embeddings: bool = False,
-        layer: str = FINAL,
+        layers: Sequence[str] = (FINAL,),
     ) -> np.ndarray | torch.Tensor:
-        """sentence-transformers-style convenience: strings (text) or PIL images / paths (image)."""
+        """sentence-transformers-style convenience: strings (text) or PIL images / paths (image).
+
+        Several ``layers`` are concatenated along the feature axis in the given order (what a head
+        trained on those layers of the feature store expects); normalisation applies to the result.
+        """
+        layers = [layers] if isinstance(layers, str) else list(layers)
+        self.check_layers(layers)
         from ..data.base import load_image
 
         prep = self.preprocess() if self.modality == "image" else None
@@ -90,9 +96,9 @@ class Encoder(ABC):
             else:
                 batch = [str(x) for x in items]
             with autocast(self.device):
-                out = self.forward(batch, (layer,))[layer].float()
-            chunks.append(out.cpu())
-        dim = self.layer_dims[layer]
+                out = self.forward(batch, layers)
+            chunks.append(torch.cat([out[l].float().cpu() for l in layers], dim=1))
+        dim = sum(self.layer_dims[l] for l in layers)
         emb = torch.cat(chunks) if chunks else torch.zeros(0, dim)
         if normalize_embeddings:
             emb = torch.nn.functional.normalize(emb, dim=-1)

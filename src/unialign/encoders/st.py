@@ -68,7 +68,11 @@ class SentenceTransformerEncoder(Encoder):
 
         opts = check_options(f"st:{name}", options, DEFAULTS)
         from sentence_transformers import SentenceTransformer
-        from sentence_transformers.base.modules.normalize import Normalize
+
+        try:  # v6 layout; v3-v5 export it from sentence_transformers.models
+            from sentence_transformers.base.modules.normalize import Normalize
+        except ImportError:  # pragma: no cover
+            from sentence_transformers.models import Normalize
 
         self.device = pick_device(device)
         packaged = name.strip().lower() in PACKAGED_ALIASES
@@ -105,7 +109,8 @@ class SentenceTransformerEncoder(Encoder):
     @torch.inference_mode()
     def forward(self, batch: Sequence[str], layers: Sequence[str] = (FINAL,)) -> dict[str, torch.Tensor]:
         self.check_layers(layers)
-        features = self.model.preprocess(list(batch))
+        tokenize = getattr(self.model, "preprocess", None) or self.model.tokenize  # v6 renamed tokenize
+        features = tokenize(list(batch))
         features = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
         for module in self._modules:  # the model's own pipeline, minus a trailing Normalize
             features = module(features)

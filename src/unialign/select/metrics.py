@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping, Sequence, Union
 
 import numpy as np
-import scipy.linalg
 import torch
 
 from unialign.errors import ConfigError, DataError
@@ -199,7 +198,7 @@ def mutual_knn(X: ArrayLike, Y: ArrayLike, k: KSpec = 10, *, chunk_size: int | N
     ``mean_i |N_X(i) & N_Y(i)| / k`` as in the Platonic Representation Hypothesis code; ``k="rice"``
     gives STRUCTURE's ``ceil(2 n^(1/3))``. Independent views score about k/(n-1), not 0; use
     :func:`calibrate` to compare encoders. ``chunk_size`` (rows per similarity block) only trades
-    memory for speed; the result is identical.
+    memory for speed; the result is identical. All-zero rows have no direction (cosine 0 to all).
     """
     Xt, Yt = _pair(X, Y, 2, "mutual_knn")
     n = Xt.shape[0]
@@ -278,12 +277,14 @@ def rbf_cka(
         sx2, sy2 = _median_sq_dist(Xc, chunk_size), _median_sq_dist(Yc, chunk_size)
     else:
         sx, sy = (sigma, sigma) if isinstance(sigma, (int, float)) else sigma
+        if not (0 < float(sx) < math.inf and 0 < float(sy) < math.inf):
+            raise MetricOptionError(f"sigma must be positive and finite, got {sigma!r}")
         sx2, sy2 = float(sx) ** 2, float(sy) ** 2
     for s2, name in ((sx2, "X"), (sy2, "Y")):
-        if not (s2 > 0 and math.isfinite(s2)):
+        if not s2 > 0:
             raise MetricInputError(
-                f"rbf_cka: bandwidth for {name} is {math.sqrt(max(s2, 0.0)):g}; "
-                "most rows are identical (median distance 0) or sigma is not a positive number"
+                f"rbf_cka: median pairwise distance of {name} is 0 (most rows identical); "
+                "the median-heuristic bandwidth is undefined -- pass sigma explicitly"
             )
     n = Xc.shape[0]
     qx, qy = Xc.square().sum(dim=1), Yc.square().sum(dim=1)
@@ -339,6 +340,8 @@ def _masked_hsic_u(rows: torch.Tensor, cols: torch.Tensor, a: torch.Tensor, b: t
     Same formula as PRH's ``hsic_unbiased(mask*K, mask*L)`` but touching only the O(n k) masked entries:
     sum(K~ * L~^T) needs, for each entry (i, j), the entry (j, i) if it is in the mask too.
     """
+    if rows.numel() == 0:  # no mutual neighbours at all: both masked kernels are zero
+        return 0.0
     keys = rows * n + cols
     order = keys.argsort()
     keys, sb = keys[order], b[order]
@@ -389,13 +392,9 @@ def cknna(X: ArrayLike, Y: ArrayLike, k: KSpec = 10, *, chunk_size: int | None =
 
 
 def _eigh_desc(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenpairs of a symmetric matrix, largest first. On CPU via LAPACK's MRRR driver (scipy "evr"),
-    about twice as fast as torch's divide-and-conquer for the d x d covariances met here."""
-    if A.device.type == "cpu":
-        lam, V = scipy.linalg.eigh(A.numpy(), driver="evr", check_finite=False)
-        lam, V = torch.from_numpy(lam), torch.from_numpy(V)
-    else:
-        lam, V = torch.linalg.eigh(A)
+    """Eigenpairs of a symmetric matrix, largest first. torch's LAPACK rather than scipy's: mixing the
+    two thread pools made scipy's eigh several times slower right after torch GEMMs."""
+    lam, V = torch.linalg.eigh(A)
     return lam.flip(0).clamp(min=0.0), V.flip(1)
 
 
@@ -416,7 +415,7 @@ def _whitening_map(Xc: torch.Tensor, keep: float | int) -> torch.Tensor:
     else:
         frac = torch.cumsum(lam[:rank], 0) / lam[:rank].sum()
         r = min(int((frac < float(keep) - 1e-12).sum()) + 1, rank)
-    lam, V = lam[:r].to(Xc.device), V[:, :r].to(Xc.device)
+    lam, V = lam[:r], V[:, :r]
     # d > n: V holds left singular vectors U; X^T U / lam maps X onto them (X X^T U = U lam).
     return V / lam.sqrt() if d <= n else (Xc.T @ V) / lam
 
@@ -505,8 +504,9 @@ def calibrate(
     fn = _lookup(metric_fn)
     if mode not in ("diff", "z"):
         raise MetricOptionError(f"mode must be 'diff' or 'z', got {mode!r}")
-    if isinstance(n_perm, bool) or n_perm < (2 if mode == "z" else 1):
-        raise MetricOptionError(f"n_perm must be >= {2 if mode == 'z' else 1} for mode {mode!r}, got {n_perm}")
+    least = 2 if mode == "z" else 1
+    if isinstance(n_perm, bool) or n_perm < least:
+        raise MetricOptionError(f"n_perm must be >= {least} for mode {mode!r}, got {n_perm}")
     Xt, Yt = _pair(X, Y, 2, "calibrate")
     raw = float(fn(Xt, Yt, **metric_kwargs))
     g = torch.Generator().manual_seed(seed)
