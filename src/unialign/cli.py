@@ -105,6 +105,8 @@ def extract(
     strict: bool = typer.Option(False, help="Stop at the first unreadable item instead of skipping and listing it."),
     overwrite: bool = typer.Option(False, help="Replace a store of other inputs in --out."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    executor: str = typer.Option("local", help="local (this process) or ray (Ray Data actor pool; same store)."),
+    concurrency: Optional[int] = typer.Option(None, min=1, help="Ray actors (default: one per GPU, else per CPU)."),
 ) -> None:
     """Run one frozen encoder over a dataset into a resumable, sharded feature store."""
     from .data import load_dataset
@@ -114,7 +116,8 @@ def extract(
     ds = load_dataset(data)
     enc = load_encoder(encoder, device=device)
     store = run_extract(ds, enc, out, layers=[l for l in layers.split(",") if l], batch_size=batch_size,
-                        shard_size=shard_size, dtype=dtype, num_workers=workers, strict=strict, overwrite=overwrite)
+                        shard_size=shard_size, dtype=dtype, num_workers=workers, strict=strict, overwrite=overwrite,
+                        executor=executor, concurrency=concurrency)
     typer.echo(f"{store.root}: {len(store)} rows x {store.dim} ({store.modality}), layers {store.layers}, "
                f"{len(store.skipped)} skipped")
 
@@ -145,6 +148,25 @@ def recipes() -> None:
 
     for r in RECIPES.values():
         typer.echo(f"{r.name:14s} {'trained' if r.trained else 'closed-form':11s} {r.description}")
+
+
+# -- commands of the later stages, each defined next to the code it drives --------------------------
+# (one line per command: app.command("name")(function))
+from .export import export_command  # noqa: E402
+from .evaluate.plots import report_command  # noqa: E402
+
+app.command("export")(export_command)
+app.command("report")(report_command)
+from .serve.commands import index_command, serve_command  # noqa: E402
+
+app.command("index")(index_command)
+app.command("serve")(serve_command)
+
+from .curate.command import curate_command  # noqa: E402
+app.command("curate")(curate_command)
+
+from .select.command import select_command  # noqa: E402
+app.command("select")(select_command)
 
 
 def main() -> None:

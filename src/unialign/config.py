@@ -27,6 +27,7 @@ class DataConfig:
     split: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])  # train / val / test concepts
     split_seed: int = 0
     max_train_concepts: int | None = None  # low-data runs: keep only this many training concepts
+    subset: str | None = None  # a subset file from `unialign curate`: train only on these dataset rows
 
 
 @dataclass
@@ -46,6 +47,7 @@ class EvalConfig:
     templates: str = "emoji"
     fashion_mnist: bool = True
     fashion_templates: str = "photo"
+    fashion_mnist_limit: int | None = None  # evaluate on a class-balanced subset of this many test images
     retrieval_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
 
 

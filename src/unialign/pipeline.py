@@ -106,6 +106,10 @@ def make_splits(ds: PairDataset, cfg: RunConfig) -> Splits:
     sp = Splits(ds.indices(styles=train_styles, concepts=concepts["train"]),
                 ds.indices(styles=train_styles, concepts=concepts["val"]),
                 ds.indices(styles=test_styles, concepts=concepts["test"]), concepts)
+    if d.subset:
+        from .curate import load_subset
+
+        sp.train = np.intersect1d(sp.train, load_subset(d.subset))
     for name in ("train", "val", "test"):
         if len(getattr(sp, name)) == 0:
             raise DataError(f"the {name} split of {ds.name} is empty (styles {train_styles if name != 'test' else test_styles}); "
@@ -242,10 +246,23 @@ def evaluate_model(model: AlignedModel, cfg: RunConfig, cached: Cached, splits: 
     records = evaluate_split(model, cached, splits.test, tag, get_templates(cfg.eval.templates), ks, name, cfg.output)
     if cfg.eval.fashion_mnist:
         fm = build_fashion_mnist("test")
+        if cfg.eval.fashion_mnist_limit:
+            fm = balanced_subset(fm, cfg.eval.fashion_mnist_limit, seed=0)
         fcached = cache_features(fm, model.image_encoder, None, cfg, log)
         records += evaluate_split(model, fcached, np.arange(len(fm)), "fashion-mnist", get_templates(cfg.eval.fashion_templates),
                                   ks, name, cfg.output)
     return records
+
+
+def balanced_subset(ds: PairDataset, n: int, seed: int = 0) -> PairDataset:
+    """About ``n`` records, the same number per concept, chosen with a seeded generator."""
+    rng = np.random.default_rng(seed)
+    concepts = ds.concepts()
+    per = max(1, n // len(concepts))
+    pick = [rng.permutation(ds.indices(concepts=[c]))[:per] for c in concepts]
+    sub = ds.subset(np.sort(np.concatenate(pick)))
+    sub.name = f"{ds.name}-{len(sub)}"
+    return sub
 
 
 def run(cfg: RunConfig, log: Log = print) -> dict[str, Any]:

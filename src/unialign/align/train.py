@@ -3,11 +3,19 @@
 Data order is a pure function of (seed, epoch), so a checkpoint needs only model, loss, optimiser and
 scheduler states, the step, the early-stopping state and the torch RNG (for dropout): a run resumed
 from any checkpoint ends with exactly the weights of an uninterrupted run.
+
+Sampling: ``"global"`` (default) permutes all pairs each epoch; ``"chunked"`` permutes chunks of
+``chunk_size`` consecutive pairs, then shuffles within buffers of ``shuffle_chunks`` chunks, so batches
+read a moving window of the memory-mapped store and peak memory does not grow with the store (mapped
+pages of finished buffers are released). Under torchrun (``distributed="auto"``) every rank follows the
+same order, encodes its slice of each global batch and the loss sees the all-gathered batch (see
+``distributed.py``); the result equals one process on the full batch.
 """
 from __future__ import annotations
 
 import copy
 import math
+import mmap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +26,7 @@ import torch
 
 from ..device import autocast, pick_device
 from ..io import atomic_path
+from . import distributed as D
 from .data import Features, Pairs
 from .heads import HeadPair, count_parameters
 from .losses import make_loss, multi_positive, structure_regularizer
@@ -50,6 +59,10 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps between checkpoints, when a checkpoint file is given (0: none)
     seed: int = 0
     device: str = "auto"
+    sampling: str = "global"  # "global": one permutation per epoch; "chunked": shuffled chunks (stores > RAM)
+    chunk_size: int = 4096  # chunked sampling: consecutive pairs per chunk
+    shuffle_chunks: int = 16  # chunked sampling: chunks shuffled together in one buffer
+    distributed: str = "auto"  # "auto": torch.distributed when initialised or launched by torchrun; "off"
 
 
 @dataclass
@@ -97,12 +110,25 @@ def train(
     """
     if len(pairs) < 2:
         raise ValueError(f"need at least 2 training pairs, got {len(pairs)}")
+    if cfg.sampling not in ("global", "chunked"):
+        raise ValueError(f"sampling must be 'global' or 'chunked', got {cfg.sampling!r}")
+    if cfg.distributed not in ("auto", "off"):
+        raise ValueError(f"distributed must be 'auto' or 'off', got {cfg.distributed!r}")
     device = pick_device(cfg.device)
+    use_dist = cfg.distributed == "auto" and D.init_from_env(device) and D.world_size() > 1
+    if use_dist:
+        device = D.local_device(device)
+    world, rank = (D.world_size(), D.rank()) if use_dist else (1, 0)
+    main = rank == 0
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, img.dim, txt.dim)
     _fit_standardizers(model, img, txt, pairs, cfg.seed)
     model.to(device)
     loss_fn = make_loss(cfg.loss, **cfg.loss_options).to(device)
+    if use_dist:
+        D.broadcast_params(model)
+        D.broadcast_params(loss_fn)
+    criterion = D.GatheredLoss(loss_fn) if use_dist else loss_fn
     params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -110,6 +136,11 @@ def train(
                             lr=cfg.lr, betas=cfg.betas)
 
     bs = min(cfg.batch_size, len(pairs))
+    if use_dist:  # every rank encodes an equal slice of each global batch
+        bs -= bs % world
+        if bs < world:
+            raise ValueError(f"batch_size {cfg.batch_size} is smaller than the world size {world}")
+    local_bs = bs // world
     steps_per_epoch = max(1, len(pairs) // bs)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     state = {"step": 0, "history": [], "best_score": -math.inf, "best_step": 0, "best": None, "bad": 0}
@@ -118,43 +149,44 @@ def train(
         resumed = _load_checkpoint(checkpoint, model, loss_fn, opt, run_key)
         if resumed is not None:
             state = resumed
-            if log:
+            if log and main:
                 log(f"resumed from {checkpoint} at step {state['step']}")
-        elif log:
+        elif log and main:
             log(f"ignoring {checkpoint}: it belongs to another configuration or data; starting afresh")
 
     t0 = time.perf_counter()
     epoch_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    chunked = (_ChunkedOrder(len(pairs), cfg.seed, cfg.chunk_size, cfg.shuffle_chunks, lambda: _release_pages(img, txt))
+               if cfg.sampling == "chunked" else None)
     step = state["step"]
     while step < total:
         if stop_after is not None and step >= stop_after:
             break
         epoch, k = divmod(step, steps_per_epoch)
-        if epoch not in epoch_cache:
-            epoch_cache.clear()
-            rng = np.random.default_rng([cfg.seed, epoch])
-            epoch_cache[epoch] = (rng.permutation(len(pairs)), rng.random(len(pairs)))
-        perm, draw = epoch_cache[epoch]
-        items = perm[k * bs : (k + 1) * bs]
+        if chunked is not None:
+            items, draws = chunked.batch(epoch, k, bs)
+        else:
+            if epoch not in epoch_cache:
+                epoch_cache.clear()
+                rng = np.random.default_rng([cfg.seed, epoch])
+                epoch_cache[epoch] = (rng.permutation(len(pairs)), rng.random(len(pairs)))
+            perm, draw = epoch_cache[epoch]
+            items = perm[k * bs : (k + 1) * bs]
+            draws = draw[items]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, cfg.warmup_steps, cfg.lr)
 
         model.train()
-        x_img = torch.from_numpy(img[pairs.image_rows[items]]).to(device, non_blocking=True)
-        x_txts = [torch.from_numpy(txt[pairs.caption_rows(items, draw[items], shift)]).to(device, non_blocking=True)
+        mine = slice(rank * local_bs, (rank + 1) * local_bs)  # this rank's slice of the global batch
+        x_img = torch.from_numpy(img[pairs.image_rows[items[mine]]]).to(device, non_blocking=True)
+        x_txts = [torch.from_numpy(txt[pairs.caption_rows(items[mine], draws[mine], shift)]).to(device, non_blocking=True)
                   for shift in range(cfg.captions_per_step)]
-        groups = torch.from_numpy(pairs.groups[items]).to(device)
-        with autocast(device):
-            z_img = model.project_image(x_img)
-            z_txts = [model.project_text(x) for x in x_txts]
-        loss = multi_positive(loss_fn, z_img, z_txts, groups)
-        reg = torch.zeros((), device=device)
-        if cfg.structure_lambda > 0:
-            reg = (structure_regularizer(x_img, z_img, cfg.structure_levels, cfg.structure_tau)
-                   + structure_regularizer(x_txts[0], z_txts[0], cfg.structure_levels, cfg.structure_tau)) / 2
-            loss = loss + cfg.structure_lambda * min(1.0, (step + 1) / max(1, cfg.structure_warmup)) * reg
+        groups = torch.from_numpy(pairs.groups[items]).to(device)  # of the global batch
+        loss, reg = batch_loss(model, criterion, x_img, x_txts, groups, cfg, step, world)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if use_dist:
+            D.sync_gradients(model.parameters(), loss_fn.parameters())
         opt.step()
         step += 1
         state["step"] = step
@@ -162,7 +194,10 @@ def train(
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
         last = step == total
-        if validate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or last):
+        if validate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or last) and not main:
+            if D.broadcast_flag(False, device):  # rank 0 validates and decides on early stopping
+                total = step
+        elif validate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or last):
             model.eval()
             metrics = validate(model)
             rec = {"step": step, "loss": float(loss.item()), "reg": float(reg.item()),
@@ -178,7 +213,10 @@ def train(
                 if log:
                     log(f"early stop at step {step}: no improvement for {cfg.patience} validations")
                 total = step
-        if checkpoint is not None and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total):
+            if use_dist:
+                D.broadcast_flag(total == step and not last, device)
+        if (checkpoint is not None and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total)
+                and main):
             _save_checkpoint(checkpoint, model, loss_fn, opt, state, run_key)
 
     if state["best"] is not None:
@@ -188,12 +226,99 @@ def train(
                        time.perf_counter() - t0, count_parameters(model))
 
 
+def batch_loss(model: HeadPair, criterion: torch.nn.Module, x_img: torch.Tensor, x_txts: list[torch.Tensor],
+               groups: torch.Tensor, cfg: TrainConfig, step: int, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contrastive loss (+ STRUCTURE) of one batch. ``criterion`` may gather over ranks
+    (:class:`~unialign.align.distributed.GatheredLoss`); STRUCTURE is computed on the local slice and
+    divided by ``world`` so the summed gradients average it over ranks."""
+    device = x_img.device
+    with autocast(device):
+        z_img = model.project_image(x_img)
+        z_txts = [model.project_text(x) for x in x_txts]
+    loss = multi_positive(criterion, z_img, z_txts, groups)
+    reg = torch.zeros((), device=device)
+    if cfg.structure_lambda > 0:
+        reg = (structure_regularizer(x_img, z_img, cfg.structure_levels, cfg.structure_tau)
+               + structure_regularizer(x_txts[0], z_txts[0], cfg.structure_levels, cfg.structure_tau)) / 2
+        loss = loss + cfg.structure_lambda * min(1.0, (step + 1) / max(1, cfg.structure_warmup)) * reg / world
+    return loss, reg
+
+
+class _ChunkedOrder:
+    """The epoch order of ``chunked`` sampling, built lazily buffer by buffer (a pure function of
+    (seed, epoch)): chunks of ``chunk`` consecutive pairs in a seeded random order, grouped
+    ``per_buffer`` at a time; the pairs of a buffer are shuffled together (with their caption draws).
+    Memory: the chunk order plus the one or two buffers the current batch spans."""
+
+    def __init__(self, n: int, seed: int, chunk: int, per_buffer: int, on_evict: Callable[[], None] | None = None):
+        if chunk < 1 or per_buffer < 1:
+            raise ValueError("chunk_size and shuffle_chunks must be >= 1")
+        self.n, self.seed, self.chunk, self.per_buffer, self.on_evict = n, seed, chunk, per_buffer, on_evict
+        self.epoch: int | None = None
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _start_epoch(self, epoch: int) -> None:
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        n_chunks = -(-self.n // self.chunk)
+        self.order = rng.permutation(n_chunks)
+        lens = np.minimum(self.chunk, self.n - self.order * self.chunk)
+        sizes = [int(lens[i : i + self.per_buffer].sum()) for i in range(0, n_chunks, self.per_buffer)]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.epoch, self.cache = epoch, {}
+
+    def _buffer(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        if b not in self.cache:
+            chunks = self.order[b * self.per_buffer : (b + 1) * self.per_buffer]
+            items = np.concatenate([np.arange(c * self.chunk, min(self.n, (c + 1) * self.chunk)) for c in chunks])
+            rng = np.random.default_rng([self.seed, self.epoch, 2, b])
+            self.cache[b] = (items[rng.permutation(len(items))], rng.random(len(items)))
+        return self.cache[b]
+
+    def batch(self, epoch: int, k: int, bs: int) -> tuple[np.ndarray, np.ndarray]:
+        """Items and caption draws at positions ``k*bs .. (k+1)*bs - 1`` of the epoch's order."""
+        if epoch != self.epoch:
+            self._start_epoch(epoch)
+        lo, hi = k * bs, (k + 1) * bs
+        b0 = int(np.searchsorted(self.starts, lo, side="right") - 1)
+        b1 = int(np.searchsorted(self.starts, hi - 1, side="right") - 1)
+        old = [b for b in self.cache if b < b0]
+        for b in old:
+            del self.cache[b]
+        if old and self.on_evict is not None:
+            self.on_evict()
+        items, draws = [], []
+        for b in range(b0, b1 + 1):
+            it, dr = self._buffer(b)
+            s = int(self.starts[b])
+            a, z = max(lo, s) - s, min(hi, int(self.starts[b + 1])) - s
+            items.append(it[a:z])
+            draws.append(dr[a:z])
+        return np.concatenate(items), np.concatenate(draws)
+
+
+def _release_pages(*features: Features) -> None:
+    """Drop this process's mapping of memory-mapped feature pages (the page cache keeps them), so the
+    resident set holds only what the current buffers touch."""
+    for f in features:
+        for a in getattr(f, "arrays", [f]):
+            for part in getattr(a, "parts", [a]):
+                mm = getattr(part, "_mmap", None)
+                if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+                    try:
+                        mm.madvise(mmap.MADV_DONTNEED)
+                    except (OSError, ValueError):
+                        pass
+
+
 def _fit_standardizers(model: HeadPair, img: Features, txt: Features, pairs: Pairs, seed: int, n: int = 50_000) -> None:
     """Per-dimension mean/std of the training features (a sample of at most ``n`` rows)."""
     rng = np.random.default_rng([seed, 99])
     pick = np.sort(rng.choice(len(pairs), size=min(n, len(pairs)), replace=False))
     model.image.standardize.fit(torch.from_numpy(img[np.unique(pairs.image_rows[pick])]))
-    model.text.standardize.fit(torch.from_numpy(txt[np.unique(pairs.text_flat)]))
+    text_rows = np.unique(pairs.text_flat)
+    if len(text_rows) > n:  # large stores: a sample of the captions (small data: all of them, as before)
+        text_rows = np.sort(rng.choice(text_rows, size=n, replace=False))
+    model.text.standardize.fit(torch.from_numpy(txt[text_rows]))
 
 
 def _save_checkpoint(path: str | Path, model: HeadPair, loss_fn: torch.nn.Module, opt: torch.optim.Optimizer,

@@ -9,6 +9,9 @@ Why it is built this way:
   the encoder does not wait on PNG decoding.
 - Bad items (unreadable image, non-finite output) are skipped, counted and listed, or raise naming the
   item with ``strict=True``; shards already written are kept either way.
+- Two executors run the same :func:`encode_shards` (read -> encode -> write one shard at a time):
+  ``"local"`` in this process, ``"ray"`` in a Ray Data actor pool (``ray_executor.py``), so the stores
+  they write are byte-identical.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -72,12 +75,20 @@ def extract(
     strict: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
+    executor: str = "local",
+    concurrency: int | None = None,
 ) -> FeatureStore:
     """Encode ``dataset`` (its images, or its unique captions for a text encoder) into a store.
 
     A rerun with the same inputs returns the existing store at once; an interrupted run resumes from
     the last complete shard. ``overwrite`` replaces a store built from other inputs.
+
+    ``executor="ray"`` encodes the missing shards in a Ray Data actor pool of ``concurrency`` actors
+    (default: one per GPU when CUDA is present, else one per CPU of the Ray cluster), each holding the
+    encoder; it joins a running Ray instance or starts a local one. The store is the same either way.
     """
+    if executor not in ("local", "ray"):
+        raise StoreError(f"executor must be 'local' or 'ray', got {executor!r}")
     if dtype not in DTYPES:
         raise StoreError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if shard_size < 1 or batch_size < 1:
@@ -94,16 +105,32 @@ def extract(
     n_shards = max(1, -(-n // shard_size))
     todo = [s for s in range(n_shards) if not _shard_done(root, s)]
     items = _items(dataset, encoder)
+    if executor == "ray" and todo:
+        from .ray_executor import run_ray
+
+        run_ray(root, key, items, encoder, todo, batch_size=batch_size, num_workers=num_workers, strict=strict,
+                concurrency=concurrency, show_progress=show_progress)
+        return _finish(root, key, n_shards)
     bar = tqdm(total=sum(_shard_len(s, n, shard_size) for s in todo), unit=encoder.modality, disable=not show_progress,
                desc=f"extract {encoder.spec}", smoothing=0.1)
+    encode_shards(root, key, items, encoder, todo, batch_size, num_workers, strict, bar.update)
+    bar.close()
+    return _finish(root, key, n_shards)
+
+
+def encode_shards(root: Path, key: dict[str, Any], items: Sequence[dict[str, Any]], encoder: Encoder,
+                  shards: Sequence[int], batch_size: int, num_workers: int | None, strict: bool,
+                  progress: Callable[[int], Any] | None = None) -> None:
+    """Read, encode and write the given shards (each complete, with its completion record): the one
+    code path of both executors. ``items[i]`` must hold item ``i`` for every item of these shards."""
+    n, shard_size = key["dataset"]["n_items"], key["shard_size"]
     writer: _ShardWriter | None = None
-    for shard, idx, batch, failures in _batches(items, encoder, todo, n, shard_size, batch_size, num_workers):
+    for shard, idx, batch, failures in _batches(items, encoder, shards, n, shard_size, batch_size, num_workers):
         if writer is None or writer.shard != shard:
             writer = _ShardWriter(root, key, shard)
         writer.add(encoder, idx, batch, failures, items, strict)
-        bar.update(len(idx) + len(failures))
-    bar.close()
-    return _finish(root, key, n_shards)
+        if progress is not None:
+            progress(len(idx) + len(failures))
 
 
 # -- what is encoded ----------------------------------------------------------------------------
@@ -125,15 +152,15 @@ def _shard_len(s: int, n: int, size: int) -> int:
 class _ImageItems(Dataset):
     """Worker-side decoding: returns (index, tensor or None, failure reason or None)."""
 
-    def __init__(self, paths_: list[str], preprocess: Any):
-        self.paths, self.preprocess = paths_, preprocess
+    def __init__(self, items: Sequence[dict[str, Any]], preprocess: Any):
+        self.items, self.preprocess = items, preprocess
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return i, self.preprocess(load_image(self.paths[i])), None
+            return i, self.preprocess(load_image(self.items[i]["image"])), None
         except ImageLoadError as e:
             return i, None, e.reason
         except Exception as e:  # a preprocess failure on a readable image is still this item's fault
@@ -155,7 +182,7 @@ def _batch_plan(todo: Sequence[int], n: int, shard_size: int, batch_size: int) -
     return plan
 
 
-def _batches(items: list[dict[str, Any]], encoder: Encoder, todo: Sequence[int], n: int, shard_size: int,
+def _batches(items: Sequence[dict[str, Any]], encoder: Encoder, todo: Sequence[int], n: int, shard_size: int,
              batch_size: int, num_workers: int | None) -> Iterator[tuple[int, list[int], Any, list[tuple[int, str]]]]:
     plan = _batch_plan(todo, n, shard_size, batch_size)
     if encoder.modality == "text":
@@ -165,7 +192,7 @@ def _batches(items: list[dict[str, Any]], encoder: Encoder, todo: Sequence[int],
     if num_workers is None:
         num_workers = min(4, max(1, (os.cpu_count() or 2) - 1))
     loader = DataLoader(
-        _ImageItems([it["image"] for it in items], encoder.preprocess()),
+        _ImageItems(items, encoder.preprocess()),
         batch_sampler=plan,
         num_workers=num_workers,
         collate_fn=_collate,
@@ -191,7 +218,7 @@ class _ShardWriter:
         self.skipped: list[dict[str, Any]] = []
 
     def add(self, encoder: Encoder, idx: list[int], batch: Any, failures: list[tuple[int, str]],
-            items: list[dict[str, Any]], strict: bool) -> None:
+            items: Sequence[dict[str, Any]], strict: bool) -> None:
         for i, reason in failures:
             self._skip(items[i], reason, strict)
         if idx:
@@ -217,7 +244,7 @@ class _ShardWriter:
             raise DataError(f"{where}: {reason} (run without --strict to skip such items and list them in the manifest)")
         self.skipped.append({"index": item["index"], "id": item["id"], "path": where, "reason": reason})
 
-    def _write(self, items: list[dict[str, Any]]) -> None:
+    def _write(self, items: Sequence[dict[str, Any]]) -> None:
         modality = self.key["modality"]
         files: dict[str, dict[str, Any]] = {}
         for l in self.layers:

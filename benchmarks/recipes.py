@@ -1,0 +1,231 @@
+"""Which recipe wins? Every recipe of ``unialign.align.recipes`` on identical cached features.
+
+Protocol (the default of ``unialign run``): EfficientNet-Lite0 (128 px) + all-MiniLM-L6-v2 on the emoji
+data, concepts split 70/10/20 with split_seed 0 (fixed), training on google + twitter + openmoji, early
+stopping (trained recipes) on the validation concepts in those styles, test on the unseen test concepts
+in the unseen apple style; plus zero-shot Fashion-MNIST (test split). Two regimes: the full training
+set and a low-data one (``data.max_train_concepts=200``). Trained recipes run with 5 training seeds;
+closed-form ones are deterministic (one fit, std 0).
+
+Features are read once from the feature cache (``pipeline.cache_features``, a no-op after
+``unialign run``); the text encoder is loaded once and every prompt it encodes is memoised, so each run
+costs only its fit and a few matrix products.
+
+    python3 benchmarks/recipes.py                       # everything, writes benchmarks/results/recipes.{json,md}
+    python3 benchmarks/recipes.py --recipes unialign,asif --seeds 2 --regimes full
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+from unialign import pipeline as P
+from unialign.align.data import Features
+from unialign.align.recipes import RECIPES, get_recipe
+from unialign.config import RunConfig, load_config
+from unialign.data import build_fashion_mnist, load_dataset
+from unialign.encoders import load_encoder
+from unialign.evaluate.templates import get_templates
+from unialign.model import AlignedModel
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+TRAINED = ["unialign", "linear", "mlp", "sail", "structure", "freeze-align", "layermix"]
+CLOSED = ["asif", "relative", "procrustes", "lstsq", "cca"]
+REGIMES = {"full": None, "low": 200}
+quiet = lambda *_: None  # noqa: E731
+
+
+class MemoTextEncoder:
+    """Wraps a text encoder so that each distinct string is encoded once per process."""
+
+    def __init__(self, encoder: Any):
+        self.encoder = encoder
+        self.device = encoder.device
+        self.memo: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.encoder, name)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 256, show_progress_bar: bool | None = None,
+               convert_to_numpy: bool = True, layers: Sequence[str] = ("final",), **_: Any) -> Any:
+        key = tuple(layers)
+        todo = list(dict.fromkeys(t for t in texts if (t, key) not in self.memo))
+        if todo:
+            out = self.encoder.encode(todo, batch_size=256, show_progress_bar=False, convert_to_numpy=False,
+                                      layers=list(layers))
+            for t, row in zip(todo, torch.as_tensor(out).float()):
+                self.memo[(t, key)] = row
+        x = torch.stack([self.memo[(t, key)] for t in texts]) if texts else torch.zeros(0, 0)
+        return x.numpy() if convert_to_numpy else x
+
+
+class Bench:
+    """Cached features, encoders and the Fashion-MNIST store, loaded once; ``run`` fits and evaluates."""
+
+    def __init__(self, base: dict[str, Any] | None = None, fashion: bool = True, log: Any = print):
+        self.base = dict(base or {})
+        cfg = load_config(overrides=self.base)
+        self.cfg = cfg
+        self.ds = load_dataset(cfg.data.dataset)
+        self.image_encoder = load_encoder(cfg.encoders.image, device="cpu")
+        self.text_encoder = MemoTextEncoder(load_encoder(cfg.encoders.text, device="cpu"))
+        self.cached = _in_memory(P.cache_features(self.ds, self.image_encoder, self.text_encoder.encoder, cfg, log))
+        self.fm = None
+        if fashion:
+            fm = build_fashion_mnist("test")
+            self.fm = (fm, _in_memory(P.cache_features(fm, self.image_encoder, None, cfg, log)))
+        stores = self.cached.image_store.root
+        self.layers_cached = [l for l in ("block10", "block14") if (Path(stores) / "img_emb" / "layers" / l).exists()]
+
+    def config(self, recipe: str, seed: int = 0, max_train_concepts: int | None = None,
+               overrides: dict[str, Any] | None = None) -> RunConfig:
+        ov = {**self.base, "recipe": recipe, "device": "cpu", "data.max_train_concepts": max_train_concepts,
+              "output": "/tmp/unialign-bench"}
+        if get_recipe(recipe).trained:
+            ov["train.seed"] = seed
+        for k, v in (overrides or {}).items():
+            ov[k if "." in k else f"train.{k}"] = v
+        return load_config(overrides=ov)
+
+    def run(self, recipe: str, seed: int = 0, max_train_concepts: int | None = None,
+            overrides: dict[str, Any] | None = None, templates: str | list[str] | None = None) -> dict[str, Any]:
+        """Fit one recipe (the pipeline's own steps) and score it on the test split and Fashion-MNIST."""
+        cfg = self.config(recipe, seed, max_train_concepts, overrides)
+        rec = get_recipe(cfg.recipe)
+        splits = P.make_splits(self.ds, cfg)
+        pairs = P.make_pairs(self.cached, splits.train)
+        validate = P.validator(self.cached, self.text_encoder, splits.val, cfg) if rec.trained else None
+        torch.manual_seed(seed)
+        projection, scale, info = P.fit_projection(self.cached, pairs, rec, cfg, validate, None, quiet)
+        model = AlignedModel(self.image_encoder, self.text_encoder, projection, cfg.encoders.image_layers,
+                             cfg.encoders.text_layers, scale, info)
+        out = {"recipe": recipe, "seed": seed, "max_train_concepts": max_train_concepts,
+               "train_seconds": info["train_seconds"], "steps": info.get("steps"), "best_step": info.get("best_step"),
+               "n_pairs": len(pairs)}
+        temps = get_templates(templates or cfg.eval.templates)
+        recs = P.evaluate_split(model, self.cached, splits.test, "emoji-test-apple", temps, [1, 5, 10], recipe, "")
+        out.update(_flatten(recs))
+        if self.fm is not None:
+            fm, fc = self.fm
+            r = P.evaluate_split(model, fc, np.arange(len(fm)), "fashion-mnist", get_templates(cfg.eval.fashion_templates),
+                                 [1, 5, 10], recipe, "")
+            out["fmnist_acc1"] = r[0]["metrics"]["acc1"]
+        return out
+
+
+def _in_memory(cached: P.Cached) -> P.Cached:
+    """Read the memory-mapped fp16 shards once into float32 arrays: every run then gathers from RAM."""
+    cached.image = Features([np.asarray(a[np.arange(len(a))], dtype=np.float32) for a in cached.image.arrays],
+                            cached.image.names)
+    if cached.text is not None:
+        cached.text = Features([np.asarray(a[np.arange(len(a))], dtype=np.float32) for a in cached.text.arrays],
+                               cached.text.names)
+    return cached
+
+
+def _flatten(records: list[dict[str, Any]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for r in records:
+        m = r["metrics"]
+        if r["task"] == "zeroshot_classification":
+            out.update(acc1=m["acc1"], acc5=m["acc5"], n_classes=r.get("n_classes", r.get("extra", {}).get("n_classes")))
+        else:
+            out.update(i2t_r10=m["text_retrieval_recall@10"], t2i_r10=m["image_retrieval_recall@10"])
+            out["r10"] = (out["i2t_r10"] + out["t2i_r10"]) / 2
+    return out
+
+
+METRICS = ["acc1", "acc5", "r10", "fmnist_acc1", "train_seconds"]
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    keys = list(dict.fromkeys((r["regime"], r["recipe"]) for r in runs))
+    for regime, recipe in keys:
+        rs = [r for r in runs if r["regime"] == regime and r["recipe"] == recipe]
+        row: dict[str, Any] = {"regime": regime, "recipe": recipe, "n_runs": len(rs)}
+        for m in METRICS:
+            v = np.array([r[m] for r in rs], dtype=float)
+            row[m] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], chance: dict[str, float]) -> str:
+    lines = []
+    for regime in dict.fromkeys(r["regime"] for r in rows):
+        lines += [f"**{regime} training set** ({'all 1335' if regime == 'full' else REGIMES[regime]} training concepts x 3 styles)", "",
+                  "| recipe | runs | acc1 % | acc5 % | R@10 % (mean of I->T, T->I) | Fashion-MNIST acc1 % | train s |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sorted((r for r in rows if r["regime"] == regime), key=lambda r: -r["acc1"]["mean"]):
+            f = lambda m, s=100: f"{s * r[m]['mean']:.1f} ± {s * r[m]['std']:.1f}"  # noqa: E731
+            lines.append(f"| {r['recipe']} | {r['n_runs']} | {f('acc1')} | {f('acc5')} | {f('r10')} | {f('fmnist_acc1')} | "
+                         f"{r['train_seconds']['mean']:.1f} |")
+        lines += ["", f"Chance: acc1 {100 * chance['acc1']:.2f}%, acc5 {100 * chance['acc5']:.2f}%, "
+                      f"Fashion-MNIST acc1 10%.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipes", default=",".join(TRAINED + CLOSED))
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--regimes", default="full,low")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(RESULTS / "recipes"), help="output path without suffix")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    bench = Bench()
+    notes, runs = [], []
+    recipes = [r for r in args.recipes.split(",") if r]
+    if "layermix" in recipes and not bench.layers_cached:
+        recipes.remove("layermix")
+        notes.append("layermix skipped: no per-layer image features are cached for this store "
+                     "(extract with `unialign extract --layers block10,block14` to include it).")
+        print(notes[-1])
+    for regime in args.regimes.split(","):
+        for recipe in recipes:
+            seeds = range(args.seeds) if get_recipe(recipe).trained else [0]
+            for seed in seeds:
+                r = bench.run(recipe, seed, REGIMES[regime])
+                r["regime"] = regime
+                runs.append(r)
+                print(f"{regime:4s} {recipe:12s} seed {seed}: acc1 {100 * r['acc1']:.1f} acc5 {100 * r['acc5']:.1f} "
+                      f"R@10 {100 * r['r10']:.1f} fmnist {100 * r['fmnist_acc1']:.1f} ({r['train_seconds']:.1f}s, "
+                      f"{r['steps']} steps)", flush=True)
+    rows = summarise(runs)
+    n_classes = runs[0]["n_classes"]
+    chance = {"acc1": 1 / n_classes, "acc5": 5 / n_classes}
+    table = markdown(rows, chance)
+    print("\n" + table)
+    cmd = "python3 benchmarks/recipes.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv))
+    payload = {"command": cmd, "protocol": {"image": bench.cfg.encoders.image, "text": bench.cfg.encoders.text,
+                                            "split_seed": 0, "train_styles": P.EMOJI_TRAIN_STYLES,
+                                            "test_styles": P.EMOJI_TEST_STYLES, "n_test_classes": n_classes,
+                                            "regimes": {k: REGIMES[k] for k in args.regimes.split(",")}},
+               "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__},
+               "notes": notes, "seconds": time.perf_counter() - t0, "summary": rows, "runs": runs}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+    out.with_suffix(".md").write_text(f"Made by `{cmd}` in {payload['seconds'] / 60:.1f} min ({args.threads} threads).\n\n"
+                                      + table + ("\n" + "\n".join(notes) + "\n" if notes else ""))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} ({payload['seconds'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
