@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="250,500,1000")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--fill", default="farthest", choices=["farthest", "kmeans", "none"])
-    ap.add_argument("--full", type=int, default=2, help="training seeds of the whole-pool reference (0: skip)")
+    ap.add_argument("--full", type=int, default=0, help="training seeds of a whole-pool reference (default 0: skip)")
     ap.add_argument("--quick", action="store_true", help="budget 500 only, 2 seeds, no whole-pool reference")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args()
@@ -126,6 +126,24 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     curation_info: dict[str, dict] = {}
+    chance = {"fashion-mnist": 1 / 10, "emoji-test-apple": 1 / tasks["emoji-test-apple"].shape[0]}
+
+    def payload(full: dict | None = None) -> dict:
+        return {
+            "benchmark": "curation", "command": "python3 benchmarks/curation.py" + (" --quick" if args.quick else ""),
+            "pool": {"dataset": "emoji", "split": "train (training concepts x google+twitter+openmoji)",
+                     "n_pairs": int(len(splits.train)), "n_concepts": len(splits.concepts["train"])},
+            "targets": fm_names, "prototype": "text (photo templates)", "fill": args.fill, "budgets": budgets,
+            "seeds": seeds, "recipe": cfg.recipe, "encoders": to_dict(cfg.encoders), "chance": chance,
+            "results": results, "whole_pool": full, "curation": curation_info, "seconds": time.perf_counter() - t_start,
+            "complete": all(str(b) in results for b in budgets),
+            "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        }
+
+    def save(p: dict) -> None:  # after every budget, so an interrupted run keeps what it measured
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "curation.json").write_text(json.dumps(p, indent=1) + "\n")
+        (args.out / "curation.md").write_text(markdown(p))
     tmp = Path(tempfile.mkdtemp(prefix="unialign-curation-"))
     for budget in budgets:
         t0 = time.perf_counter()
@@ -160,26 +178,15 @@ def main() -> None:
                    "train_seconds": stats([x["seconds"] for x in rs])}
             for kind, rs in runs.items()
         }
+        save(payload())
     full = None
     if n_full:
         fr = [train_eval(splits.train, s) for s in range(n_full)]
         full = {**{t: stats([x[t] for x in fr]) for t in tasks}, "n_pairs": int(len(splits.train))}
         say(f"whole pool ({len(splits.train)} pairs): FM {full['fashion-mnist']['mean']:.3f} emoji {full['emoji-test-apple']['mean']:.3f}")
 
-    chance = {"fashion-mnist": 1 / 10, "emoji-test-apple": 1 / tasks["emoji-test-apple"].shape[0]}
-    payload = {
-        "benchmark": "curation", "command": "python3 benchmarks/curation.py" + (" --quick" if args.quick else ""),
-        "pool": {"dataset": "emoji", "split": "train (training concepts x google+twitter+openmoji)",
-                 "n_pairs": int(len(splits.train)), "n_concepts": len(splits.concepts["train"])},
-        "targets": fm_names, "prototype": "text (photo templates)", "fill": args.fill, "budgets": budgets, "seeds": seeds,
-        "recipe": cfg.recipe, "encoders": to_dict(cfg.encoders), "chance": chance, "results": results,
-        "whole_pool": full, "curation": curation_info, "seconds": time.perf_counter() - t_start,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "curation.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (args.out / "curation.md").write_text(markdown(payload))
-    say(markdown(payload))
+    save(payload(full))
+    say(markdown(payload(full)))
 
 
 def markdown(p: dict) -> str:

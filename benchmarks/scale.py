@@ -203,7 +203,7 @@ def bench_eval(args: argparse.Namespace) -> list[dict]:
         exact = topk_indices(emb[:q], keys, 10)
         ex_s = time.perf_counter() - t
         t = time.perf_counter()
-        ivf = topk_indices_faiss(emb[:q], keys, 10, index="ivf")
+        ivf = topk_indices_faiss(emb[:q], keys, 10, index="ivf", nlist=int(np.sqrt(n)), nprobe=16)
         ivf_s = time.perf_counter() - t
         recall = float((ivf[:, :1] == exact[:, :1]).float().mean())
         r = {"size": name, "n": n, "zero_shot_1000_classes_seconds": zs, "retrieval_queries_timed": q,

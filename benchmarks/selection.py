@@ -196,8 +196,8 @@ def train_all(ds, encoders: dict, stores: dict, layers_of: dict, state: dict, st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sample", type=int, default=1000, help="selection sample (of the training split)")
-    ap.add_argument("--concepts", type=int, default=500, help="emoji concepts in the benchmark (2 shared cores)")
+    ap.add_argument("--sample", type=int, default=700, help="selection sample (of the training split)")
+    ap.add_argument("--concepts", type=int, default=360, help="emoji concepts in the benchmark (2 shared cores)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest on a shared 2-core machine)")
     ap.add_argument("--state", type=Path, default=Path(tempfile.gettempdir()) / "unialign_selection_bench.json",
@@ -206,6 +206,8 @@ def main() -> None:
 
     import torch
     from scipy.stats import spearmanr
+
+    from unialign.select.selection import _short
 
     torch.set_num_threads(args.threads)
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -251,7 +253,7 @@ def main() -> None:
         rho_acc, _ = spearmanr(s, acc1)
         best = rows[int(np.nanargmax(s))]
         corr[m] = {"spearman_retrieval": float(rho), "p_value": float(p), "spearman_acc1": float(rho_acc),
-                   "picks": f"{best['image']} [{best['image_layer']}] x {Path(best['text']).name} [{best['text_layer']}]",
+                   "picks": f"{best['image']} [{best['image_layer']}] x {_short(best['text'])} [{best['text_layer']}]",
                    "picked_retrieval": best["retrieval"], "picked_rank": int((target > best["retrieval"]).sum() + 1)}
     oracle = rows[int(np.argmax(target))]
     default_img = "effnet-lite0?image_size=128"
@@ -288,6 +290,8 @@ def main() -> None:
 
 
 def markdown(rep: dict) -> str:
+    from unialign.select.selection import _short
+
     t = rep["timings"]
     lines = [f"# Encoder/layer selection vs full training ({rep['n_combinations']} combinations)", "",
              f"Made by `{rep['command']}` on {rep['records']} emoji records ({rep['concepts']} concepts: training/"
@@ -301,12 +305,12 @@ def markdown(rep: dict) -> str:
         lines.append(f"| {m} | {c['spearman_retrieval']:.3f} | {c['p_value']:.3g} | {c['spearman_acc1']:.3f} | "
                      f"{c['picks']} | {c['picked_retrieval']:.4f} ({c['picked_rank']}) |")
     o = rep["oracle"]
-    lines += ["", f"Best after training (oracle): {o['image']} [{o['image_layer']}] x {Path(o['text']).name} "
+    lines += ["", f"Best after training (oracle): {o['image']} [{o['image_layer']}] x {_short(o['text'])} "
               f"[{o['text_layer']}], retrieval {o['retrieval']:.4f}, top-1 {o['acc1']:.4f}.", "",
               "| image encoder | layer | text encoder | mutual_knn | linear_cka | probe | retrieval (test) | top-1 (test) |",
               "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in sorted(rep["rows"], key=lambda r: -r["retrieval"]):
-        lines.append(f"| {r['image']} | {r['image_layer']} | {Path(r['text']).name} | {r['scores']['mutual_knn']:.4f} | "
+        lines.append(f"| {r['image']} | {r['image_layer']} | {_short(r['text'])} | {r['scores']['mutual_knn']:.4f} | "
                      f"{r['scores']['linear_cka']:.4f} | {r['scores']['probe']:.4f} | {r['retrieval']:.4f} | {r['acc1']:.4f} |")
     per = ", ".join(f"{m} {v:.2f} s" for m, v in t["seconds_per_combination"].items())
     lines += ["", "## Time (2 CPU cores shared with other jobs; torch threads: %d)" % rep["torch_threads"], "",
@@ -321,7 +325,7 @@ def markdown(rep: dict) -> str:
               f"then training and early stopping): {t['one_full_training_default_pair_seconds']:.0f} s, of which training "
               f"{t['one_training_default_pair_train_only_seconds']:.0f} s; training all {rep['n_combinations']} "
               f"combinations: {t['all_trainings_seconds']:.0f} s",
-              "- full extraction per encoder: " + ", ".join(f"{Path(k).name} {v:.0f} s ({t['full_extraction_items'][k]} items)"
+              "- full extraction per encoder: " + ", ".join(f"{_short(k)} {v:.0f} s ({t['full_extraction_items'][k]} items)"
                                                       for k, v in t["full_extraction_seconds"].items())]
     return "\n".join(lines)
 

@@ -31,4 +31,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! $PY -c "import importlib.ut
   $PY -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e ".[dev,serve,effnet-extra,ray]"
   mkdir -p .unialign && echo "$want" > "$stamp"
 fi
+# Data: the emoji styles (npm packs, fetched at run time, never committed) and Fashion-MNIST; no-ops once built.
+$PY -m unialign data emoji
+$PY -m unialign data fashion-mnist
 echo "setup: ok ($($PY -c 'from importlib.metadata import version as v; print(", ".join(f"{p} {v(p)}" for p in ("torch", "transformers", "sentence-transformers", "unialign")))'))"

@@ -78,19 +78,19 @@ def _aligned(n=240, d_img=24, d_txt=16, noise=0.3, seed=0):
 
 def test_probe_is_higher_for_aligned_than_shuffled_pairs():
     X, Y, g = _aligned()
-    aligned = alignment_probe(X, Y, g, steps=100, seed=0)
+    aligned = alignment_probe(X, Y, g, steps=60, seed=0)
     perm = np.random.default_rng(1).permutation(len(Y))
-    shuffled = alignment_probe(X, Y[perm], g, steps=100, seed=0)
+    shuffled = alignment_probe(X, Y[perm], g, steps=60, seed=0)
     assert aligned.score > shuffled.score + 0.3
     assert aligned.score > 2 * aligned.chance
     assert set(aligned.recalls) == {"i2t@1", "i2t@5", "t2i@1", "t2i@5"}
-    assert aligned.n_train + aligned.n_val == len(X) and aligned.steps == 100
+    assert aligned.n_train + aligned.n_val == len(X) and aligned.steps == 60
 
 
 def test_probe_is_deterministic_and_a_metric():
     X, Y, g = _aligned(n=120)
-    a = probe(X, Y, g, steps=60, seed=3)
-    b = probe(X, Y, g, steps=60, seed=3)
+    a = probe(X, Y, g, steps=30, seed=3)
+    b = probe(X, Y, g, steps=30, seed=3)
     assert a == b
     assert 0.0 <= a <= 1.0
 
@@ -157,7 +157,7 @@ def _png_is_nontrivial(path: Path) -> None:
 def test_select_end_to_end_on_tiny_encoders(tiny_ds, home):
     out = home / "sel"
     sel = select(["tinyimg12", "tinyimg20"], "tinytxt16", dataset=tiny_ds, layers="all", sample=40, split="all",
-                 metrics="mutual_knn,linear_cka,probe", probe_options={"steps": 20}, out=out, num_workers=0, log=None)
+                 metrics="mutual_knn,linear_cka,probe", probe_options={"steps": 10}, out=out, num_workers=0, log=None)
     assert isinstance(sel, Selection)
     assert len(sel.rows) == 2 * 2 * 1  # (2 encoders x 2 layers) x (1 encoder x 1 layer)
     primary = [r["scores"]["mutual_knn"] for r in sel.rows]
@@ -187,7 +187,7 @@ def test_select_end_to_end_on_tiny_encoders(tiny_ds, home):
 
     # a rerun reuses the feature stores and gives the same ranking
     again = select(["tinyimg12", "tinyimg20"], "tinytxt16", dataset=tiny_ds, layers="all", sample=40, split="all",
-                   metrics="mutual_knn,linear_cka,probe", probe_options={"steps": 20}, num_workers=0, log=None)
+                   metrics="mutual_knn,linear_cka,probe", probe_options={"steps": 10}, num_workers=0, log=None)
     assert again.stores == sel.stores
     assert [r["scores"] for r in again.rows] == [r["scores"] for r in sel.rows]
 

@@ -122,7 +122,8 @@ def train(
     main = rank == 0
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, img.dim, txt.dim)
-    _fit_standardizers(model, img, txt, pairs, cfg.seed)
+    _fit_standardizers(model, img, txt, pairs, cfg.seed,
+                       release=(lambda: _release_pages(img, txt)) if cfg.sampling == "chunked" else None)
     model.to(device)
     loss_fn = make_loss(cfg.loss, **cfg.loss_options).to(device)
     if use_dist:
@@ -310,15 +311,28 @@ def _release_pages(*features: Features) -> None:
                         pass
 
 
-def _fit_standardizers(model: HeadPair, img: Features, txt: Features, pairs: Pairs, seed: int, n: int = 50_000) -> None:
-    """Per-dimension mean/std of the training features (a sample of at most ``n`` rows)."""
+def _fit_standardizers(model: HeadPair, img: Features, txt: Features, pairs: Pairs, seed: int, n: int = 50_000,
+                       release: Callable[[], None] | None = None) -> None:
+    """Per-dimension mean/std of the training features (a sample of at most ``n`` rows).
+
+    Rows are gathered in blocks; ``release`` (chunked sampling) drops the mapped pages after each
+    block, since random reads of a memory-mapped store map whole neighbourhoods of pages."""
     rng = np.random.default_rng([seed, 99])
     pick = np.sort(rng.choice(len(pairs), size=min(n, len(pairs)), replace=False))
-    model.image.standardize.fit(torch.from_numpy(img[np.unique(pairs.image_rows[pick])]))
+
+    def gather(feats: Features, rows: np.ndarray, block: int = 4096) -> np.ndarray:
+        parts = []
+        for s in range(0, len(rows), block):
+            parts.append(feats[rows[s : s + block]])
+            if release is not None:
+                release()
+        return np.concatenate(parts) if parts else feats[rows]
+
+    model.image.standardize.fit(torch.from_numpy(gather(img, np.unique(pairs.image_rows[pick]))))
     text_rows = np.unique(pairs.text_flat)
     if len(text_rows) > n:  # large stores: a sample of the captions (small data: all of them, as before)
         text_rows = np.sort(rng.choice(text_rows, size=n, replace=False))
-    model.text.standardize.fit(torch.from_numpy(txt[text_rows]))
+    model.text.standardize.fit(torch.from_numpy(gather(txt, text_rows)))
 
 
 def _save_checkpoint(path: str | Path, model: HeadPair, loss_fn: torch.nn.Module, opt: torch.optim.Optimizer,

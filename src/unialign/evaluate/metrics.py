@@ -87,7 +87,7 @@ def retrieval_chance(n_images: int, text_to_image: Sequence[int], ks: Sequence[i
 def topk_indices_faiss(queries: np.ndarray | torch.Tensor, keys: np.ndarray | torch.Tensor, k: int, index: str = "flat",
                        nlist: int | None = None, nprobe: int = 16, chunk: int = 65536, seed: int = 0) -> torch.Tensor:
     """Top-k by inner product with FAISS: ``index="flat"`` is exact; ``"ivf"`` (IVF-Flat, ``nlist``
-    default ~4 sqrt(N) clusters trained on a seeded sample, ``nprobe`` probed) is approximate and
+    default ~4 sqrt(N) clusters trained by k-means on a seeded sample of 64 points per cluster, ``nprobe`` probed) is approximate and
     much faster for millions of keys. Queries are searched in chunks; memory is O(N d) for the keys."""
     import faiss
 
@@ -104,7 +104,7 @@ def topk_indices_faiss(queries: np.ndarray | torch.Tensor, keys: np.ndarray | to
         nlist = nlist or max(1, min(n // 39, int(4 * np.sqrt(n))))
         ix = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
-        train = keys_np[np.sort(rng.choice(n, size=min(n, 256 * nlist), replace=False))]
+        train = keys_np[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
         ix.train(train)
         ix.nprobe = nprobe
     else:

@@ -52,7 +52,9 @@ def select_command(
     sel = select(images, texts, data, layers=layers, image_layers=image_layers, text_layers=text_layers, sample=sample,
                  metrics=metrics, calibrate=calibrate, n_perm=n_perm, k=k_val, caption=caption, split=split, seed=seed,
                  probe_options={"steps": probe_steps}, out=out, device=device, batch_size=batch_size, log=typer.echo)
-    console = Console()
+    import sys
+
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # piped: do not squeeze to 80 columns
     console.print(ranked_table(sel, top))
     b = sel.best
     typer.echo(f"heatmaps: {', '.join(sel.heatmaps)}")

@@ -306,10 +306,11 @@ def score_grid(
 
 
 def rank_rows(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """Rows sorted by ``metric`` (descending; NaN last), each given its 1-based ``rank``."""
-    def key(r: dict[str, Any]) -> float:
+    """Rows sorted by ``metric`` (descending; NaN last; on ties "final" layers first), each given its 1-based ``rank``."""
+    def key(r: dict[str, Any]) -> tuple[float, int]:
         v = r["scores"][metric]
-        return -math.inf if v is None or not math.isfinite(v) else v
+        # ties (e.g. a sentence model whose "final" is its last layer's mean) go to "final": the default
+        return (-math.inf if v is None or not math.isfinite(v) else v, (r["image_layer"] == FINAL) + (r["text_layer"] == FINAL))
 
     out = sorted(rows, key=key, reverse=True)
     for i, r in enumerate(out):
@@ -383,7 +384,7 @@ def ranked_table(sel: Selection, top: int | None = 20) -> Any:
     t = Table(title=f"encoder/layer selection on {sel.data}: {sel.n} pairs, ranked by {sel.primary} ({what}; k={sel.k})")
     t.add_column("rank", justify="right")
     for col in ("image encoder", "image layer", "text encoder", "text layer"):
-        t.add_column(col)
+        t.add_column(col, no_wrap=True)
     for m in sel.metrics:
         t.add_column(m, justify="right")
     shown = sel.rows if top is None or top <= 0 else sel.rows[:top]
@@ -431,7 +432,9 @@ def plot_heatmaps(sel: Selection, out_dir: str | Path, prefix: str = "selection"
             ax.set_title(label, fontsize=10)
             fig.colorbar(im, ax=ax, label=label, fraction=0.046, pad=0.04)
             if np.isfinite(M).any():
-                bi, bj = np.unravel_index(np.nanargmax(M), M.shape)
+                flat = np.where(np.isfinite(M), M, -np.inf).ravel()
+                last = flat.size - 1 - int(np.argmax(flat[::-1]))  # on ties the deepest cell ("final" is last)
+                bi, bj = np.unravel_index(last, M.shape)
                 ax.add_patch(Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
                 if M.size <= 150:
                     lo, hi = np.nanmin(M), np.nanmax(M)

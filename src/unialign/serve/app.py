@@ -106,6 +106,10 @@ class _LRU:
     def __init__(self, size: int = 512):
         self.size, self.data, self.lock = size, OrderedDict(), threading.Lock()
 
+    def peek(self, key: Any) -> Any:
+        with self.lock:
+            return self.data.get(key)
+
     def get(self, key: Any, make: Callable[[], Any]) -> Any:
         with self.lock:
             if key in self.data:
@@ -176,7 +180,7 @@ def create_app(model_dir: str | Path, index_dir: str | Path | None = None, limit
     dim = int(model.project_text_features(np.zeros((1, sum(model.text_encoder.layer_dims[l] for l in model.text_layers)),
                                                    np.float32)).shape[1])
     lock = threading.Lock()  # encoders (HF tokenizers, torch modules) are not made for concurrent calls
-    text_cache, class_cache = _LRU(1024), _LRU(256)
+    text_cache, class_cache = _LRU(2048), _LRU(8192)
 
     def embed_texts(texts: list[str]) -> np.ndarray:
         with lock:
@@ -190,10 +194,15 @@ def create_app(model_dir: str | Path, index_dir: str | Path | None = None, limit
             return np.asarray(model.encode_image(images, batch_size=32), dtype=np.float32)
 
     def class_weights(labels: tuple[str, ...], templates: tuple[str, ...]) -> np.ndarray:
-        def make() -> np.ndarray:
+        """One classifier row per label, cached per (label, templates): label sets overlap across requests."""
+        rows = {l: class_cache.peek((l, templates)) for l in labels}
+        missing = [l for l, row in rows.items() if row is None]
+        if missing:
             with lock:
-                return model.class_embeddings(list(labels), list(templates)).numpy().astype(np.float32)
-        return class_cache.get((labels, templates), make)
+                new = model.class_embeddings(missing, list(templates)).numpy().astype(np.float32)
+            for l, row in zip(missing, new):
+                rows[l] = class_cache.get((l, templates), lambda row=row: row)
+        return np.stack([rows[l] for l in labels])
 
     # -- input checks --------------------------------------------------------------------------
     def check_text(value: str, what: str) -> str:

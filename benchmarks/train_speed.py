@@ -1,0 +1,66 @@
+"""Training throughput on cached features and time to converge on the default data.
+
+1. pairs/s of the training step (gather from the memory-mapped store, heads forward/backward, AdamW)
+   for several batch sizes, no validation, fixed number of steps;
+2. the default recipe trained to early stopping on the default protocol: seconds, steps, best step;
+3. peak resident memory of this process (features are memory-mapped, so it stays small).
+
+    python3 benchmarks/train_speed.py
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+from _common import markdown, peak_rss_mb, write
+from unialign.align.recipes import get_recipe, train_config
+from unialign.align.train import train
+from unialign.config import load_config
+from unialign.data import load_dataset
+from unialign.encoders import load_encoder
+from unialign.pipeline import cache_features, make_pairs, make_splits, validator
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batch-sizes", default="256,1024,4096")
+    ap.add_argument("--steps", type=int, default=100)
+    args = ap.parse_args()
+
+    cfg = load_config()
+    ds = load_dataset(cfg.data.dataset)
+    img_enc, txt_enc = load_encoder(cfg.encoders.image), load_encoder(cfg.encoders.text)
+    cached = cache_features(ds, img_enc, txt_enc, cfg, log=lambda s: None)
+    splits = make_splits(ds, cfg)
+    pairs = make_pairs(cached, splits.train)
+    rss_before = peak_rss_mb()
+    base = train_config(get_recipe(cfg.recipe), cfg.train)
+
+    rows, speed = [], {}
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        tcfg = dataclasses.replace(base, batch_size=bs, max_steps=args.steps, eval_every=0, patience=0)
+        t0 = time.perf_counter()
+        res = train(cached.image, cached.text, pairs, tcfg, log=None)
+        secs = time.perf_counter() - t0
+        speed[bs] = min(bs, len(pairs)) * res.steps / secs
+        rows.append([bs, res.steps, f"{secs:.2f}", f"{speed[bs]:.0f}"])
+    table1 = markdown(["batch size", "steps", "seconds", "pairs/s"], rows)
+
+    validate = validator(cached, txt_enc, splits.val, cfg)
+    t0 = time.perf_counter()
+    res = train(cached.image, cached.text, pairs, base, validate, log=None)
+    converge = {"seconds": time.perf_counter() - t0, "steps": res.steps, "best_step": res.best_step,
+                "best_val_score": res.best_score, "pairs": len(pairs), "parameters": res.parameters}
+    table2 = markdown(["recipe", "training pairs", "steps (early stop)", "best step", "seconds to converge",
+                       "trainable params", "peak RSS MB (before training / after)"],
+                      [[cfg.recipe, len(pairs), res.steps, res.best_step, f"{converge['seconds']:.1f}", res.parameters,
+                        f"{rss_before:.0f} / {peak_rss_mb():.0f}"]])
+    write("train_speed", {"throughput_pairs_per_s": speed, "converge": converge, "peak_rss_mb_before_training": rss_before,
+                          "peak_rss_mb": peak_rss_mb()}, table1 + "\n\n" + table2,
+          "python3 benchmarks/train_speed.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
