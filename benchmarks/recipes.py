@@ -181,7 +181,8 @@ def markdown(rows: list[dict[str, Any]], chance: dict[str, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipes", default=",".join(TRAINED + CLOSED))
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=5, help="training seeds per trained recipe")
+    ap.add_argument("--low-seeds", type=int, default=None, help="seeds in the low-data regime (default: --seeds)")
     ap.add_argument("--regimes", default="full,low")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "recipes"), help="output path without suffix")
@@ -198,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         print(notes[-1])
     for regime in args.regimes.split(","):
         for recipe in recipes:
-            seeds = range(args.seeds) if get_recipe(recipe).trained else [0]
+            n = args.low_seeds if regime == "low" and args.low_seeds is not None else args.seeds
+            seeds = range(n) if get_recipe(recipe).trained else [0]
             for seed in seeds:
                 r = bench.run(recipe, seed, REGIMES[regime])
                 r["regime"] = regime

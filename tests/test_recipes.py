@@ -2,7 +2,7 @@
 styles), it classifies 100 held-out concepts in the held-out apple style well above chance.
 
 Uses the session fixture ``real_emoji_features`` (tests/conftest.py): real EfficientNet-Lite0 (64 px) and
-MiniLM features. Short schedules keep this fast; SAIL's star head is narrowed (expand 2 instead of 8)
+MiniLM features. Short schedules keep this fast; SAIL's star head is narrowed (expand 1 instead of 8)
 only to keep the test quick on two cores: its loss, multi-positive captions and optimiser are as published.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from unialign.evaluate.templates import get_templates
 TRAINED = [name for name, r in RECIPES.items() if r.trained]
 FAST = {"max_steps": 150, "batch_size": 128, "warmup_steps": 10, "eval_every": 0, "patience": 0,
         "checkpoint_every": 0, "device": "cpu", "seed": 0}
-SPEED = {"sail": {"head_options": {"all": {"expand": 2}}}, "structure": {"structure_warmup": 50}}
+SPEED = {"sail": {"head_options": {"all": {"expand": 1}}}, "structure": {"structure_warmup": 50}}
 
 
 @pytest.fixture(scope="module")

@@ -64,9 +64,12 @@ def train(
     from .pipeline import train_model
 
     cfg = _config(config, set_, recipe=recipe, output=output)
+    from .align.distributed import is_main
+
     model, *_ = train_model(cfg)
-    path = model.save(Path(cfg.output) / "model")
-    typer.echo(f"model saved to {path}")
+    if is_main():  # under torchrun every rank trains; only rank 0 writes the model
+        path = model.save(Path(cfg.output) / "model")
+        typer.echo(f"model saved to {path}")
 
 
 @app.command("eval")

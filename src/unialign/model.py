@@ -28,7 +28,7 @@ from .encoders import load_encoder
 from .encoders.base import FINAL, Encoder
 from .errors import UnialignError
 from .evaluate.templates import get_templates
-from .io import atomic_path, read_json, write_json, write_text
+from .io import atomic_path, read_json, sha256_file, write_json, write_text
 
 FORMAT = "unialign-model/1"
 
@@ -166,6 +166,7 @@ class AlignedModel:
             "image_encoder": {**self.image_encoder.config(), "layers": self.image_layers},
             "text_encoder": {**self.text_encoder.config(), "layers": self.text_layers},
             "projection": proj_cfg,
+            "projection_sha256": sha256_file(folder / "projection.safetensors"),  # verified on load
             "logit_scale": self.logit_scale,
             "info": self.info,
         }
@@ -181,7 +182,10 @@ class AlignedModel:
         cfg_path = folder / "config.json"
         if not cfg_path.exists():
             raise UnialignError(f"{folder} is not a saved unialign model (no config.json)")
-        cfg = read_json(cfg_path)
+        try:
+            cfg = read_json(cfg_path)
+        except ValueError as e:
+            raise UnialignError(f"{cfg_path}: not valid JSON ({e}); the model folder is corrupt") from None
         if cfg.get("format") != FORMAT:
             raise UnialignError(f"{folder}: unsupported model format {cfg.get('format')!r} (expected {FORMAT})")
         dev = pick_device(device)
@@ -192,9 +196,30 @@ class AlignedModel:
             if enc.version != ecfg.get("version"):
                 warnings.warn(f"{folder}: {key} {ecfg['spec']} has version {enc.version}, the model was trained on "
                               f"{ecfg.get('version')}; embeddings may not match", stacklevel=2)
+            enc.check_layers(ecfg.get("layers", [FINAL]))
+            if ecfg.get("dim") is not None and enc.dim != ecfg["dim"]:
+                raise UnialignError(f"{folder}: {key} {ecfg['spec']} gives {enc.dim}-d features, the model was "
+                                    f"trained on {ecfg['dim']}-d ones; load it with the encoder it was trained with")
             encoders.append(enc)
-        state = load_file(str(folder / "projection.safetensors"))
-        projection = make_projection(cfg["projection"]["kind"], cfg["projection"]["config"], state)
+        proj_path = folder / "projection.safetensors"
+        if not proj_path.exists():
+            raise UnialignError(f"{folder}: projection.safetensors is missing; the model folder is incomplete")
+        if cfg.get("projection_sha256") and sha256_file(proj_path) != cfg["projection_sha256"]:
+            raise UnialignError(f"{folder}: checksum mismatch in projection.safetensors (file changed or corrupt)")
+        try:
+            state = load_file(str(proj_path))
+            projection = make_projection(cfg["projection"]["kind"], cfg["projection"]["config"], state)
+        except UnialignError:
+            raise
+        except Exception as e:  # safetensors / torch errors: a corrupt file or one of another model
+            reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+            raise UnialignError(f"{folder}: projection.safetensors does not match config.json ({reason})") from None
+        if isinstance(projection, HeadPair):
+            for tower, enc, key in ((projection.image, encoders[0], "image_encoder"), (projection.text, encoders[1], "text_encoder")):
+                need = sum(enc.layer_dims[l] for l in cfg[key].get("layers", [FINAL]))
+                if tower.in_dim != need:
+                    raise UnialignError(f"{folder}: the {key.split('_')[0]} head expects {tower.in_dim}-d features, "
+                                        f"{cfg[key]['spec']} gives {need}-d")
         return cls(encoders[0], encoders[1], projection, cfg["image_encoder"].get("layers", [FINAL]),
                    cfg["text_encoder"].get("layers", [FINAL]), cfg.get("logit_scale", 100.0), cfg.get("info"))
 

@@ -150,6 +150,8 @@ def train(
         resumed = _load_checkpoint(checkpoint, model, loss_fn, opt, run_key)
         if resumed is not None:
             state = resumed
+            if state.get("stopped"):  # it had stopped early: a rerun must not train on past that step
+                total = state["step"]
             if log and main:
                 log(f"resumed from {checkpoint} at step {state['step']}")
         elif log and main:
@@ -214,6 +216,7 @@ def train(
                 if log:
                     log(f"early stop at step {step}: no improvement for {cfg.patience} validations")
                 total = step
+                state["stopped"] = True
             if use_dist:
                 D.broadcast_flag(total == step and not last, device)
         if (checkpoint is not None and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total)

@@ -32,6 +32,7 @@ def topk_indices(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int =
         raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}")
     queries, keys = _t(queries), _t(keys)
     k = min(k, len(keys))
+    chunk = max(1, min(chunk, (1 << 26) // max(1, len(keys))))  # at most 64M similarities (256 MB) at a time
     out = [torch.topk(queries[s : s + chunk] @ keys.T, k, dim=1).indices for s in range(0, len(queries), chunk)]
     return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long)
 
