@@ -179,7 +179,7 @@ def main() -> None:
     except UnialignError as e:
         typer.secho(f"error: {e}", err=True, fg="red")
         sys.exit(1)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, ArithmeticError) as e:  # bad values, unreadable/unwritable paths, diverged training
         typer.secho(f"error: {e}", err=True, fg="red")
         sys.exit(1)
     except KeyboardInterrupt:

@@ -226,14 +226,16 @@ class _ShardWriter:
                 if isinstance(batch, torch.Tensor):
                     batch = batch.to(encoder.device, non_blocking=True)
                 out = {k: v.float().cpu().numpy() for k, v in encoder.forward(batch, self.layers).items()}
+            with np.errstate(over="ignore"):  # checked after the cast: float16 overflows to Inf above 65504
+                out = {k: v.astype(DTYPES[self.dtype]) for k, v in out.items()}
             finite = np.ones(len(idx), dtype=bool)
             for v in out.values():
                 finite &= np.isfinite(v).all(axis=1)
             for j in np.where(~finite)[0]:
-                self._skip(items[idx[j]], "encoder output holds NaN/Inf", strict)
+                self._skip(items[idx[j]], f"encoder output holds NaN/Inf (in {self.dtype})", strict)
             self.rows.extend(i for i, f in zip(idx, finite) if f)
             for l in self.layers:
-                self.arrays[l].append(out[l][finite].astype(DTYPES[self.dtype]))
+                self.arrays[l].append(out[l][finite])
         self.seen += len(idx) + len(failures)
         if self.seen >= self.expected:
             self._write(items)

@@ -116,6 +116,9 @@ class FeatureStore:
         if verify == "auto":
             verify = store.nbytes() < 2 << 30
         store.check(checksums=bool(verify))
+        if verify:  # unialign never writes NaN/Inf; a store holding them was edited or made by another tool
+            for layer in store.layers:
+                store.check_finite(layer)
         return store
 
     # -- description --------------------------------------------------------------------------
