@@ -85,6 +85,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         node[last] = value
     cfg = from_dict(RunConfig, raw)
     validate_train_overrides(cfg.train)
+    validate_choices(cfg)
     return cfg
 
 
@@ -146,6 +147,60 @@ def validate_train_overrides(train: dict[str, Any]) -> None:
     unknown = sorted(set(train) - names)
     if unknown:
         raise ConfigError(f"train.{unknown[0]}: unknown option; accepted: {', '.join(sorted(names))}")
+
+
+def validate_choices(cfg: RunConfig) -> None:
+    """Check every option with a fixed set of values or a range, and the types of ``train`` overrides,
+    before any data or model is loaded: a typo fails in a second, naming the option and what it accepts."""
+    import re
+
+    from .align.heads import HEADS
+    from .align.losses import LOSSES
+    from .align.recipes import RECIPES
+    from .data.splits import _check_fractions
+    from .evaluate.templates import TEMPLATES
+
+    def one_of(name: str, value: Any, accepted: Any) -> None:
+        if value not in accepted:
+            raise ConfigError(f"{name}: {value!r} is not accepted; accepted: {', '.join(map(str, accepted))}")
+
+    def at_least(name: str, value: Any, low: int) -> None:
+        if value is not None and value < low:
+            raise ConfigError(f"{name}: expected an integer >= {low}, got {value!r}")
+
+    one_of("recipe", cfg.recipe, list(RECIPES))
+    if not isinstance(cfg.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"device: {cfg.device!r} is not accepted; accepted: auto, cpu, cuda, cuda:<n>, mps")
+    one_of("encoders.dtype", cfg.encoders.dtype, ["float16", "float32"])
+    at_least("encoders.batch_size", cfg.encoders.batch_size, 1)
+    at_least("encoders.num_workers", cfg.encoders.num_workers, 0)
+    at_least("data.max_train_concepts", cfg.data.max_train_concepts, 1)
+    at_least("eval.fashion_mnist_limit", cfg.eval.fashion_mnist_limit, 1)
+    for k in cfg.eval.retrieval_ks:
+        at_least("eval.retrieval_ks", k, 1)
+    one_of("eval.templates", cfg.eval.templates, sorted(TEMPLATES))
+    one_of("eval.fashion_templates", cfg.eval.fashion_templates, sorted(TEMPLATES))
+    try:
+        _check_fractions(cfg.data.split)
+    except ConfigError as e:
+        raise ConfigError(f"data.split: {e}") from None
+    tc = from_dict(TrainConfig, {k: v for k, v in cfg.train.items() if k != "params"}, "train")
+    for name in ("head", "text_head"):
+        if name in cfg.train and cfg.train[name] is not None:
+            one_of(f"train.{name}", cfg.train[name], sorted(HEADS))
+    if "loss" in cfg.train:
+        one_of("train.loss", tc.loss, sorted(LOSSES))
+    one_of("train.sampling", tc.sampling, ["global", "chunked"])
+    one_of("train.distributed", tc.distributed, ["auto", "off"])
+    for name in ("dim", "batch_size", "captions_per_step", "structure_levels", "chunk_size", "shuffle_chunks"):
+        at_least(f"train.{name}", getattr(tc, name), 1)
+    for name in ("epochs", "warmup_steps", "eval_every", "patience", "checkpoint_every"):
+        at_least(f"train.{name}", getattr(tc, name), 0)
+    at_least("train.max_steps", tc.max_steps, 1)
+    if not tc.lr > 0:
+        raise ConfigError(f"train.lr: expected a number > 0, got {tc.lr!r}")
+    if "params" in cfg.train and not isinstance(cfg.train["params"], dict):
+        raise ConfigError(f"train.params: expected a mapping, got {cfg.train['params']!r}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .errors import UnialignError
+from .io import write_text
 
 try:  # sentence-transformers v6 layout; v3-v5 export these from sentence_transformers.models
     from sentence_transformers.base.modules.dense import Dense
@@ -127,7 +128,7 @@ def export_sentence_transformers(model: Any, out: str | Path, fold_linear: bool 
     info = {"exported_from": "unialign", "text_encoder": model.text_encoder.config(), "text_layers": layers,
             "head": tower.config(), "head_module": type(head).__name__, "logit_scale": model.logit_scale,
             "image_encoder": model.image_encoder.config()["spec"]}
-    (out / "unialign_export.json").write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+    write_text(out / "unialign_export.json", json.dumps(info, indent=2, default=str) + "\n")
     enc.model.to(enc.device)  # put the shared upstream modules back where the encoder runs
     return out
 

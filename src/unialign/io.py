@@ -29,6 +29,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def remove_stale_tmp(folder: str | os.PathLike) -> int:
+    """Delete the temporary files that :func:`atomic_path` leaves when its process is killed mid-write
+    (``.<name>.<random>.tmp``) anywhere under ``folder``; returns how many. Call only on a folder no
+    other process is writing to."""
+    n = 0
+    for f in Path(folder).rglob(".*.tmp"):
+        if f.is_file():
+            f.unlink()
+            n += 1
+    return n
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -40,6 +52,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+
+
+def save_figure(fig: Any, path: str | os.PathLike, **kw: Any) -> None:
+    """``fig.savefig`` through :func:`atomic_path` (the format is taken from ``path``'s suffix)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", **kw)
 
 
 def read_json(path: str | os.PathLike) -> Any:

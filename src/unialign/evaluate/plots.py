@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import typer
 
+from ..io import save_figure, write_text
+
 Log = Callable[[str], None]
 MAX_BARS = 40  # more classes than this: per category, or a histogram
 
@@ -154,7 +156,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path, best_step: int | None
         ax.grid(alpha=0.3)
     fig.suptitle(title or "training curves (one point per validation)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -208,7 +210,7 @@ def plot_per_class(zs: ZeroShot, path: Path, chance: float | None = None) -> tup
     ax.set_title(f"{zs.dataset}: zero-shot top-1 per {kind if kind != 'histogram' else 'class (distribution)'} "
                  f"({len(zs.class_names)} classes, {len(zs.labels)} images)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path, kind
 
@@ -239,7 +241,7 @@ def plot_retrieval(ret: Retrieval, path: Path, title: str = "") -> Path:
             ax.set_xlabel(f"#{r + 1}  cos {ret.scores[q, r]:.2f}", fontsize=8)
     fig.suptitle(title or f"text -> image retrieval: top {k} (green frame: the query's concept)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -302,8 +304,8 @@ def write_pages(out: Path, sections: list[tuple[str, str, list[tuple[Sequence[st
              "th{background:#f0f0f0}")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
-    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    (out / "report.html").write_text(page, encoding="utf-8")
+    write_text(out / "report.md", "\n".join(md) + "\n")
+    write_text(out / "report.html", page)
     return out / "report.md", out / "report.html"
 
 

@@ -34,7 +34,7 @@ from ..data.base import PairDataset, load_image
 from ..device import autocast
 from ..encoders.base import FINAL, Encoder
 from ..errors import DataError, ImageLoadError, StoreError
-from ..io import atomic_path, read_json, sha256_file, write_json
+from ..io import atomic_path, read_json, remove_stale_tmp, sha256_file, write_json
 from .store import FORMAT_VERSION, FeatureStore, array_path, metadata_path, shard_record_path
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -275,6 +275,8 @@ def _file_info(path: Path) -> dict[str, Any]:
 def _claim(root: Path, key: dict[str, Any], overwrite: bool) -> None:
     """Record what this folder holds; refuse (or, with overwrite, wipe) a folder holding other inputs."""
     plan = root / "shards" / "plan.json"
+    if (root / "shards").is_dir():
+        remove_stale_tmp(root)  # half-written files of a killed run
     if plan.exists():
         old = read_json(plan)
         if old == json.loads(json.dumps(key)):
@@ -284,7 +286,7 @@ def _claim(root: Path, key: dict[str, Any], overwrite: bool) -> None:
             raise StoreError(f"{root} holds features of other inputs (differs in: {', '.join(diff)}); "
                              "pass overwrite=True / --overwrite to replace it, or choose another folder")
         shutil.rmtree(root)
-    elif root.exists() and any(root.iterdir()) and not overwrite:
+    elif root.exists() and any(f.is_file() for f in root.rglob("*")) and not overwrite:  # empty folders: ours
         raise StoreError(f"{root} exists and is not a unialign store; choose an empty folder or pass --overwrite")
     elif root.exists() and overwrite:
         shutil.rmtree(root)

@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..io import save_figure
 from .metrics import METRICS, MetricFn, calibrate as calibrate_metric, rice_k
 from .probe import probe
 
@@ -450,7 +451,7 @@ def plot_heatmaps(sel: Selection, out_dir: str | Path, prefix: str = "selection"
                      f"({sel.data}, {sel.n} pairs; red box = best)", fontsize=11)
         fig.tight_layout()
         path = out_dir / f"{prefix}_{_slug(ispec)}__{_slug(tspec)}.png"
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)
         plt.close(fig)
         paths.append(path)
     return paths
