@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,9 +69,13 @@ def run_cli(*args: str, tiny: bool = False, timeout: float = 300) -> subprocess.
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+PROGRESS = re.compile(r"\d+%\|.*\| *\d+/\d+ \[")
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str, code: int = 1) -> str:
     """Exit ``code``, no traceback, exactly one non-empty line on stderr holding every needle."""
-    err = proc.stderr
+    # progress bars (tqdm, on stderr) are not messages: drop their carriage-return-separated frames
+    err = "\n".join(f for f in re.split(r"[\r\n]", proc.stderr) if not PROGRESS.search(f))
     assert proc.returncode == code, f"exit {proc.returncode}\nstdout: {proc.stdout[-2000:]}\nstderr: {err[-3000:]}"
     assert "Traceback" not in err, err
     lines = [l for l in err.splitlines() if l.strip()]

@@ -176,11 +176,8 @@ def main() -> None:
     """Entry point: turn library errors into one line and exit code 1."""
     try:
         app(standalone_mode=False)
-    except UnialignError as e:
-        typer.secho(f"error: {e}", err=True, fg="red")
-        sys.exit(1)
-    except (ValueError, OSError, ArithmeticError) as e:  # bad values, unreadable/unwritable paths, diverged training
-        typer.secho(f"error: {e}", err=True, fg="red")
+    except (UnialignError, ValueError, OSError, ArithmeticError) as e:  # + unreadable paths, diverged training
+        typer.secho(f"error: {' '.join(str(e).split())}", err=True, fg="red")  # always one line
         sys.exit(1)
     except KeyboardInterrupt:
         typer.secho("interrupted; run the same command again to resume where it stopped", err=True)

@@ -74,7 +74,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         try:
             raw = tomllib.loads(text) if p.suffix == ".toml" else (yaml.safe_load(text) or {})
         except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
-            raise ConfigError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {e}") from None
+            mark = getattr(e, "problem_mark", None)  # YAML messages span lines: keep where and what
+            why = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}" if mark is not None else " ".join(str(e).split())
+            raise ConfigError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {why}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
     for dotted, value in (overrides or {}).items():

@@ -100,8 +100,10 @@ def make_splits(ds: PairDataset, cfg: RunConfig) -> Splits:
     styles, test in the held-out styles (all styles for datasets without them)."""
     d = cfg.data
     concepts = split_concepts(ds.concepts(), d.split, d.split_seed)
-    if d.max_train_concepts is not None:
-        concepts["train"] = concepts["train"][: d.max_train_concepts]
+    if d.max_train_concepts is not None:  # a seeded random draw: the sorted prefix would be all flags
+        rng = np.random.default_rng([d.split_seed, 1])
+        n = min(d.max_train_concepts, len(concepts["train"]))
+        concepts["train"] = sorted(rng.choice(concepts["train"], size=n, replace=False).tolist())
     train_styles, test_styles = _styles(ds, cfg)
     sp = Splits(ds.indices(styles=train_styles, concepts=concepts["train"]),
                 ds.indices(styles=train_styles, concepts=concepts["val"]),

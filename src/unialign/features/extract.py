@@ -113,8 +113,10 @@ def extract(
         return _finish(root, key, n_shards)
     bar = tqdm(total=sum(_shard_len(s, n, shard_size) for s in todo), unit=encoder.modality, disable=not show_progress,
                desc=f"extract {encoder.spec}", smoothing=0.1)
-    encode_shards(root, key, items, encoder, todo, batch_size, num_workers, strict, bar.update)
-    bar.close()
+    try:
+        encode_shards(root, key, items, encoder, todo, batch_size, num_workers, strict, bar.update)
+    finally:
+        bar.close()  # ends the bar's line, so an error message starts on a line of its own
     return _finish(root, key, n_shards)
 
 
