@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Annotated, Any, List, Optional
 
 import typer
 import yaml
@@ -39,13 +39,15 @@ def _config(config: Optional[Path], sets: list[str] | None, **direct: Any):
     return load_config(config, over)
 
 
+# options shared by the commands that take a run configuration
+ConfigArg = Annotated[Optional[Path], typer.Argument(help="YAML/TOML config; omit for the built-in default (emoji, EfficientNet-Lite0 + MiniLM).")]
+RecipeOpt = Annotated[Optional[str], typer.Option(help="Recipe name (see `unialign recipes`).")]
+OutputOpt = Annotated[Optional[str], typer.Option(help="Output folder: <output>/model, <output>/results, logs.")]
+SetOpt = Annotated[Optional[List[str]], typer.Option("--set", help="Override a config field: --set train.lr=0.01")]
+
+
 @app.command()
-def run(
-    config: Optional[Path] = typer.Argument(None, help="YAML/TOML config; omit for the built-in default (emoji, EfficientNet-Lite0 + MiniLM)."),
-    recipe: Optional[str] = typer.Option(None, help="Recipe name (see `unialign recipes`)."),
-    output: Optional[str] = typer.Option(None, help="Output folder (model, results, logs)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a config field: --set train.lr=0.01"),
-) -> None:
+def run(config: ConfigArg = None, recipe: RecipeOpt = None, output: OutputOpt = None, set_: SetOpt = None) -> None:
     """Build data, extract features (cached), train, evaluate on held-out concepts, save the model."""
     from .pipeline import run as run_job
 
@@ -54,12 +56,7 @@ def run(
 
 
 @app.command()
-def train(
-    config: Optional[Path] = typer.Argument(None, help="YAML/TOML config; omit for the built-in default."),
-    recipe: Optional[str] = typer.Option(None, help="Recipe name (see `unialign recipes`)."),
-    output: Optional[str] = typer.Option(None, help="Output folder; the model goes to <output>/model."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a config field: --set train.lr=0.01"),
-) -> None:
+def train(config: ConfigArg = None, recipe: RecipeOpt = None, output: OutputOpt = None, set_: SetOpt = None) -> None:
     """Train (or fit) the projection on the training concepts and save the model, without evaluating."""
     from .pipeline import train_model
 

@@ -104,6 +104,13 @@ def from_dict(cls: type, raw: dict[str, Any], where: str = "") -> Any:
     return cls(**kwargs)
 
 
+# scalar type -> (accepted Python types, how the error names it); bools are never ints or floats here
+_SCALARS: dict[type, tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "true or false"), int: ((int,), "an integer"),
+    float: ((int, float), "a number"), str: ((str,), "a string"),
+}
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
@@ -124,22 +131,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
+    if tp in _SCALARS:
+        accepted, what = _SCALARS[tp]
+        if not isinstance(value, accepted) or (tp is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{where}: expected {what}, got {value!r}")
+        return float(value) if tp is float else value
     return value
 
 
