@@ -4,8 +4,8 @@ Protocol (the default of ``unialign run``): EfficientNet-Lite0 (128 px) + all-Mi
 data, concepts split 70/10/20 with split_seed 0 (fixed), training on google + twitter + openmoji, early
 stopping (trained recipes) on the validation concepts in those styles, test on the unseen test concepts
 in the unseen apple style; plus zero-shot Fashion-MNIST (test split). Two regimes: the full training
-set and a low-data one (200 training concepts drawn at random with the split seed; see
-``Bench.low_data_indices`` for why not the pipeline's ``data.max_train_concepts``). Trained recipes run with 5 training seeds;
+set and a low-data one (``data.max_train_concepts=200``: 200 training concepts drawn at random with the
+split seed, the same for every recipe and training seed). Trained recipes run with 5 training seeds;
 closed-form ones are deterministic (one fit, std 0).
 
 Features are read once from the feature cache (``pipeline.cache_features``, a no-op after
@@ -100,21 +100,12 @@ class Bench:
             ov[k if "." in k else f"train.{k}"] = v
         return load_config(overrides=ov)
 
-    def low_data_indices(self, splits: P.Splits, n: int, seed: int) -> np.ndarray:
-        """Training items of ``n`` training concepts drawn at random (fixed by the split seed, the same for
-        every recipe and training seed). Not ``data.max_train_concepts``: that keeps the first ``n``
-        concepts of the *sorted* list, which are 178 flags and 22 keycaps out of 200 on the emoji data."""
-        concepts = np.random.default_rng([seed, n]).permutation(splits.concepts["train"])[:n]
-        return np.intersect1d(splits.train, self.ds.indices(concepts=concepts.tolist()))
-
     def run(self, recipe: str, seed: int = 0, max_train_concepts: int | None = None,
             overrides: dict[str, Any] | None = None, templates: str | list[str] | None = None) -> dict[str, Any]:
         """Fit one recipe (the pipeline's own steps) and score it on the test split and Fashion-MNIST."""
-        cfg = self.config(recipe, seed, None, overrides)
+        cfg = self.config(recipe, seed, max_train_concepts, overrides)
         rec = get_recipe(cfg.recipe)
         splits = P.make_splits(self.ds, cfg)
-        if max_train_concepts is not None:
-            splits.train = self.low_data_indices(splits, max_train_concepts, cfg.data.split_seed)
         pairs = P.make_pairs(self.cached, splits.train)
         validate = P.validator(self.cached, self.text_encoder, splits.val, cfg) if rec.trained else None
         torch.manual_seed(seed)

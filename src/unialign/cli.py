@@ -171,6 +171,8 @@ app.command("select")(select_command)
 
 def main() -> None:
     """Entry point: turn library errors into one line and exit code 1."""
+    if not sys.stderr.isatty():  # logs and CI: a progress line every 10 s, not every batch
+        os.environ.setdefault("TQDM_MININTERVAL", "10")
     try:
         app(standalone_mode=False)
     except (UnialignError, ValueError, OSError, ArithmeticError) as e:  # + unreadable paths, diverged training
