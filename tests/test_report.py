@@ -74,7 +74,7 @@ def test_report_command_writes_plots_and_pages(tmp_path, monkeypatch):
 
 
 def test_report_pieces(tmp_path):
-    from unialign.evaluate.plots import ZeroShot, plot_curves, plot_per_class
+    from unialign.report import ZeroShot, plot_curves, plot_per_class
 
     hist = [{"step": s, "loss": 3 / s, "temperature": 0.07, "lr": 1e-3, "val_acc1": 0.1 * s / 50, "val_acc5": 0.3}
             for s in (10, 20, 30)]
@@ -94,7 +94,7 @@ def test_report_pieces(tmp_path):
 
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
     from unialign.errors import UnialignError
-    from unialign.evaluate.plots import report
+    from unialign.report import report
 
     with pytest.raises(UnialignError, match="not a finished run"):
         report(tmp_path, show_progress=False)

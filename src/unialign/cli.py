@@ -153,7 +153,7 @@ def recipes() -> None:
 # -- commands of the later stages, each defined next to the code it drives --------------------------
 # (one line per command: app.command("name")(function))
 from .export import export_command  # noqa: E402
-from .evaluate.plots import report_command  # noqa: E402
+from .report import report_command  # noqa: E402
 
 app.command("export")(export_command)
 app.command("report")(report_command)

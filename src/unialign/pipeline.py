@@ -104,7 +104,7 @@ def make_splits(ds: PairDataset, cfg: RunConfig) -> Splits:
         rng = np.random.default_rng([d.split_seed, 1])
         n = min(d.max_train_concepts, len(concepts["train"]))
         concepts["train"] = sorted(rng.choice(concepts["train"], size=n, replace=False).tolist())
-    train_styles, test_styles = _styles(ds, cfg)
+    train_styles, test_styles = split_styles(ds, cfg)
     sp = Splits(ds.indices(styles=train_styles, concepts=concepts["train"]),
                 ds.indices(styles=train_styles, concepts=concepts["val"]),
                 ds.indices(styles=test_styles, concepts=concepts["test"]), concepts)
@@ -119,7 +119,7 @@ def make_splits(ds: PairDataset, cfg: RunConfig) -> Splits:
     return sp
 
 
-def _styles(ds: PairDataset, cfg: RunConfig) -> tuple[list[str] | None, list[str] | None]:
+def split_styles(ds: PairDataset, cfg: RunConfig) -> tuple[list[str] | None, list[str] | None]:
     d = cfg.data
     is_emoji = ds.name == "emoji"
     train_s = d.train_styles if d.train_styles is not None else (EMOJI_TRAIN_STYLES if is_emoji else None)
@@ -243,7 +243,7 @@ def evaluate_model(model: AlignedModel, cfg: RunConfig, cached: Cached, splits: 
     """The default protocol: held-out concepts (in held-out styles), plus Fashion-MNIST zero-shot."""
     name = cfg.name
     ks = cfg.eval.retrieval_ks
-    test_styles = _styles(cached.dataset, cfg)[1]
+    test_styles = split_styles(cached.dataset, cfg)[1]
     tag = f"{cached.dataset.name}-test" + (f"-{'+'.join(test_styles)}" if test_styles else "")
     records = evaluate_split(model, cached, splits.test, tag, get_templates(cfg.eval.templates), ks, name, cfg.output)
     if cfg.eval.fashion_mnist:

@@ -1,4 +1,5 @@
-"""``unialign report <run dir>``: PNG plots and an HTML + Markdown page for a finished run.
+"""``unialign report <run dir>``: PNG plots and an HTML + Markdown page for a finished run (the "use"
+stage: it reads a saved model, its results and the cached features, so it sits beside model.py).
 
 Reads what ``unialign run`` wrote (``history.jsonl``, ``run.json``, ``results/*.json``, ``model/``) and
 recomputes what it did not save from the saved model and the cached features (nothing is re-encoded
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 import typer
 
-from ..io import save_figure, write_text
+from .io import save_figure, write_text
 
 Log = Callable[[str], None]
 MAX_BARS = 40  # more classes than this: per category, or a histogram
@@ -74,7 +75,7 @@ class ZeroShot:
 
 def zero_shot_predictions(model: Any, cached: Any, indices: np.ndarray, name: str, templates: Sequence[str]) -> ZeroShot:
     """Top-5 zero-shot predictions with the same classes, prompts and features as ``evaluate_split``."""
-    from .metrics import class_embeddings, topk_indices
+    from .evaluate.metrics import class_embeddings, topk_indices
 
     ds = cached.dataset
     feats, kept = cached.image_feats(indices)
@@ -270,7 +271,7 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _results_rows(records: Sequence[dict[str, Any]]) -> list[list[str]]:
-    from .report import MAIN_METRICS
+    from .evaluate.report import MAIN_METRICS
 
     rows = []
     for r in records:
@@ -316,11 +317,11 @@ def report(run_dir: str | Path, out: str | Path | None = None, n_queries: int = 
     """Write the plots and pages for a finished run; returns {name: path}."""
     from tqdm.auto import tqdm
 
-    from ..config import RunConfig, from_dict
-    from ..errors import UnialignError
-    from ..io import read_json
-    from ..model import AlignedModel
-    from .templates import get_templates
+    from .config import RunConfig, from_dict
+    from .errors import UnialignError
+    from .io import read_json
+    from .model import AlignedModel
+    from .evaluate.templates import get_templates
 
     run_dir = Path(run_dir)
     if not (run_dir / "model" / "config.json").exists():
@@ -362,8 +363,8 @@ def report(run_dir: str | Path, out: str | Path | None = None, n_queries: int = 
 
     # 2. model, data, cached features (the same stores the run used; extraction is a no-op when cached)
     step("model + features")
-    from ..data import build_fashion_mnist, load_dataset
-    from ..pipeline import _styles, cache_features, make_splits
+    from .data import build_fashion_mnist, load_dataset
+    from .pipeline import cache_features, make_splits, split_styles
 
     model = AlignedModel.load(run_dir / "model", device=cfg.device)
     cfg.encoders.image_layers, cfg.encoders.text_layers = model.image_layers, model.text_layers
@@ -371,7 +372,7 @@ def report(run_dir: str | Path, out: str | Path | None = None, n_queries: int = 
     ds = load_dataset(cfg.data.dataset)
     cached = cache_features(ds, model.image_encoder, None, cfg, quiet)
     splits = make_splits(ds, cfg)
-    test_styles = _styles(ds, cfg)[1]
+    test_styles = split_styles(ds, cfg)[1]
     tag = f"{ds.name}-test" + (f"-{'+'.join(test_styles)}" if test_styles else "")
     bar.update()
 
