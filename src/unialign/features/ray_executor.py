@@ -7,8 +7,9 @@ per call, which reads, encodes and writes the shard's files and completion recor
 executor does. Hence the store is byte-identical whichever executor wrote it, a killed run resumes
 from its complete shards under either executor, and the driver writes the manifest at the end.
 
-Actors ask for ``num_gpus=1`` each when CUDA is present (one actor per GPU), else ``num_cpus`` each
-(one actor per CPU by default). CPU actors run torch with the driver's intra-op thread count:
+Actors ask for ``num_gpus=1`` each when CUDA is present (one actor per GPU), else as many CPUs as the
+driver runs torch threads (so actors never oversubscribe cores). CPU actors run torch with the driver's
+intra-op thread count (also exported as ``OMP_NUM_THREADS``, which Ray otherwise sets to 1):
 convolution results (oneDNN) change in the last bits with the thread count, so any other count would
 break byte-identity with the local executor. The encoder runs on the device it was built on in the driver (built
 with ``device="auto"`` on a CUDA machine, it unpickles onto each actor's GPU). Decoding happens inside the actor (``num_workers=0``), so an actor is
@@ -98,6 +99,9 @@ def run_ray(root: Path, key: dict[str, Any], items: Sequence[dict[str, Any]], en
     ctx.enable_progress_bars = bool(show_progress)
     resources = ray.cluster_resources()
     use_gpu = bool(resources.get("GPU", 0)) and torch.cuda.is_available()
+    threads = torch.get_num_threads()
+    if not use_gpu:  # each CPU actor runs the driver's thread count (same bytes), so it reserves that many CPUs
+        cpus_per_actor = max(cpus_per_actor, float(threads))
     if concurrency is None:
         slots = resources.get("GPU", 1) if use_gpu else resources.get("CPU", 1) // cpus_per_actor
         concurrency = int(max(1, min(len(todo), slots)))
@@ -115,12 +119,14 @@ def run_ray(root: Path, key: dict[str, Any], items: Sequence[dict[str, Any]], en
                                "num_workers": 0 if num_workers is None else num_workers, "strict": strict,
                                # oneDNN results depend on the intra-op thread count: use the driver's, so
                                # the bytes equal the local executor's
-                               "threads": None if use_gpu else torch.get_num_threads()},
+                               "threads": None if use_gpu else threads},
         batch_size=1,
         concurrency=concurrency,
         num_gpus=1 if use_gpu else 0,
         num_cpus=cpus_per_actor,
         batch_format="numpy",
+        # Ray sets OMP_NUM_THREADS=1 in workers; the actor's torch pool must match the driver's
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}} if not use_gpu else None,
     )
     done = sorted(ds.take_all(), key=lambda r: int(r["shard"]))
     failed = [r for r in done if r["error"]]
