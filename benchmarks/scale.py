@@ -90,7 +90,7 @@ def bench_extract(args: argparse.Namespace) -> None:
         f"Ray started locally with `ray.init(num_cpus={args.cpus})` ({ray_init_s:.1f} s, not counted: it is done once per session/cluster); "
         "each Ray timing includes building the dataset, starting the actors and unpickling the encoder in each. "
         f"Local: one process, {torch.get_num_threads()} torch threads, DataLoader decoding workers. "
-        f"Ray: {args.cpus} actors of 1 CPU each, decoding inside the actor.", "",
+        "Ray: actors that each reserve as many CPUs as the driver has torch threads, decoding inside the actor.", "",
         "| executor | repeat | seconds | images/s |", "|---|---|---|---|",
         *[f"| {r['executor']} | {r['repeat']} | {r['seconds']:.2f} | {r['images_per_s']:.1f} |" for r in runs], "",
         f"Best: local {best['local']:.1f} images/s, Ray {best['ray']:.1f} images/s, ratio **{res['ratio_ray_over_local_best']:.2f}** "
