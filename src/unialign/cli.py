@@ -72,7 +72,7 @@ def train(config: ConfigArg = None, recipe: RecipeOpt = None, output: OutputOpt 
 @app.command("eval")
 def evaluate(
     model: Path = typer.Option(..., help="A saved model folder."),
-    config: Optional[Path] = typer.Argument(None, help="The config the model was trained with (for data/splits); default: built-in."),
+    config: Optional[Path] = typer.Argument(None, help="Config for data/splits/evaluation; default: the protocol saved with the model."),
     output: Optional[Path] = typer.Option(None, help="Where to write CLIP_benchmark JSON + results.md (default <model>/../results)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a config field."),
 ) -> None:
@@ -82,7 +82,15 @@ def evaluate(
     from .model import AlignedModel
     from .pipeline import cache_features, evaluate_model, make_splits
 
-    cfg = _config(config, set_)
+    from .config import load_config
+    from .io import read_json
+
+    saved: dict[str, Any] = {}
+    if config is None and (model / "config.json").exists():  # the data/eval protocol the model was made with
+        info = read_json(model / "config.json").get("info") or {}
+        for section in ("data", "eval"):
+            saved.update({f"{section}.{k}": v for k, v in (info.get(f"{section}_config") or {}).items()})
+    cfg = load_config(config, {**saved, **_overrides(set_)})
     m = AlignedModel.load(model, device=cfg.device)
     cfg.encoders.image_layers, cfg.encoders.text_layers = m.image_layers, m.text_layers
     ds = load_dataset(cfg.data.dataset)

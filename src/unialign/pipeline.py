@@ -234,7 +234,8 @@ def train_model(cfg: RunConfig, log: Log = print) -> tuple[AlignedModel, Cached,
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     projection, scale, info = fit_projection(cached, pairs, recipe, cfg, validate, out / "checkpoint.pt", log)
-    info.update(dataset=ds.name, dataset_fingerprint=ds.fingerprint(), split_seed=cfg.data.split_seed)
+    info.update(dataset=ds.name, dataset_fingerprint=ds.fingerprint(), split_seed=cfg.data.split_seed,
+                data_config=to_dict(cfg.data), eval_config=to_dict(cfg.eval))  # so `unialign eval` re-uses the protocol
     model = AlignedModel(img_enc, txt_enc, projection, cfg.encoders.image_layers, cfg.encoders.text_layers, scale, info)
     return model, cached, splits, info
 
