@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -24,17 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import machine
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 IMG_DIM, TXT_DIM = 1280, 384
 SIZES = {"10k": 10_000, "100k": 100_000, "1m": 1_000_000, "10m": 10_000_000}
-
-
-def _machine() -> dict:
-    import torch
-
-    return {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.cuda.is_available(), "note": "2 cores shared with other jobs; numbers are noisy"}
 
 
 # -- extraction -------------------------------------------------------------------------------------
@@ -78,7 +71,7 @@ def bench_extract(args: argparse.Namespace) -> None:
            "ray_num_cpus": args.cpus, "torch_threads_local": torch.get_num_threads(), "ray_init_seconds": ray_init_s,
            "runs": runs, "best_images_per_s": best, "mean_images_per_s": mean,
            "ratio_ray_over_local_best": best["ray"] / best["local"], "ratio_ray_over_local_mean": mean["ray"] / mean["local"],
-           "goal_ratio": 0.8, "stores_byte_identical": identical, "machine": _machine(),
+           "goal_ratio": 0.8, "stores_byte_identical": identical, "machine": machine(),
            "command": f"python3 benchmarks/scale.py extract --n {args.n} --repeats {args.repeats} --cpus {args.cpus} "
                       f"--shard-size {args.shard_size} --batch-size {args.batch_size}"}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -218,7 +211,7 @@ def write_scale(part: str, rows: list[dict], command: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     jpath = RESULTS / "scale.json"
     data = json.loads(jpath.read_text()) if jpath.exists() else {}
-    data[part] = {"rows": rows, "command": command, "machine": _machine()}
+    data[part] = {"rows": rows, "command": command, "machine": machine()}
     jpath.write_text(json.dumps(data, indent=2) + "\n")
     lines = ["# Scale benchmarks", ""]
     if "train" in data:

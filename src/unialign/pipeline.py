@@ -184,6 +184,15 @@ def validator(cached: Cached, text_encoder: Encoder, indices: np.ndarray, cfg: R
     return validate
 
 
+def class_names_and_labels(ds: PairDataset, kept: Sequence[int]) -> tuple[list[str], list[int]]:
+    """The zero-shot classes of an evaluation split and each item's class index: all classes of a
+    labelled set, else the concepts present in the split (in first-appearance order)."""
+    labels_of = ds.concept_labels()
+    concepts = list(ds.classes) if ds.classes is not None else list(dict.fromkeys(ds.records[i]["concept"] for i in kept))
+    cid = {c: j for j, c in enumerate(concepts)}
+    return [labels_of.get(c, c) for c in concepts], [cid[ds.records[i]["concept"]] for i in kept]
+
+
 def evaluate_split(model: AlignedModel, cached: Cached, indices: np.ndarray, name: str, templates: Sequence[str],
                    ks: Sequence[int], model_name: str, pretrained: str) -> list[dict[str, Any]]:
     """Zero-shot classification among the split's concepts, and retrieval with all their captions."""
@@ -192,15 +201,7 @@ def evaluate_split(model: AlignedModel, cached: Cached, indices: np.ndarray, nam
     project_img = model.project_image_features
     embed = lambda prompts: model.encode_text(prompts, batch_size=256, convert_to_numpy=False)  # noqa: E731
     records = []
-    concepts = list(dict.fromkeys(ds.records[i]["concept"] for i in kept))
-    if ds.classes is not None:  # labelled set: classify among all its classes
-        concepts = list(ds.classes)
-        labels_of = ds.concept_labels()
-        names = [labels_of.get(c, c) for c in concepts]
-    else:
-        names = [ds.concept_labels()[c] for c in concepts]
-    cid = {c: j for j, c in enumerate(concepts)}
-    labels = [cid[ds.records[i]["concept"]] for i in kept]
+    names, labels = class_names_and_labels(ds, kept)
     scores, chance = tasks.zero_shot(project_img, embed, feats, labels, names, templates)
     records.append(tasks.classification_record(name, model_name, pretrained, scores, chance, len(kept), len(names)))
     if cached.text_row is not None and ds.classes is None:

@@ -76,18 +76,12 @@ class ZeroShot:
 def zero_shot_predictions(model: Any, cached: Any, indices: np.ndarray, name: str, templates: Sequence[str]) -> ZeroShot:
     """Top-5 zero-shot predictions with the same classes, prompts and features as ``evaluate_split``."""
     from .evaluate.metrics import class_embeddings, topk_indices
+    from .pipeline import class_names_and_labels
 
     ds = cached.dataset
     feats, kept = cached.image_feats(indices)
-    concepts = list(dict.fromkeys(ds.records[i]["concept"] for i in kept))
-    labels_of = ds.concept_labels()
-    if ds.classes is not None:
-        concepts = list(ds.classes)
-        names = [labels_of.get(c, c) for c in concepts]
-    else:
-        names = [labels_of[c] for c in concepts]
-    cid = {c: j for j, c in enumerate(concepts)}
-    labels = np.asarray([cid[ds.records[i]["concept"]] for i in kept])
+    names, labels_list = class_names_and_labels(ds, kept)
+    labels = np.asarray(labels_list)
     prompts = [t.format(c) for c in names for t in templates]
     per_t = model.encode_text(prompts, batch_size=256, convert_to_numpy=False).view(len(names), len(templates), -1)
     top5 = topk_indices(model.project_image_features(feats), class_embeddings(per_t), 5).numpy()
