@@ -33,7 +33,7 @@ import torch
 
 from unialign import pipeline as P
 from unialign.align.data import Features
-from unialign.align.recipes import RECIPES, get_recipe
+from unialign.align.recipes import get_recipe
 from unialign.config import RunConfig, load_config
 from unialign.data import build_fashion_mnist, load_dataset
 from unialign.encoders import load_encoder
@@ -87,8 +87,7 @@ class Bench:
         if fashion:
             fm = build_fashion_mnist("test")
             self.fm = (fm, _in_memory(P.cache_features(fm, self.image_encoder, None, cfg, log)))
-        stores = self.cached.image_store.root
-        self.layers_cached = [l for l in ("block10", "block14") if (Path(stores) / "img_emb" / "layers" / l).exists()]
+        self.image_layers = list(cfg.encoders.image_layers)  # several: the features every recipe sees concatenated
 
     def config(self, recipe: str, seed: int = 0, max_train_concepts: int | None = None,
                overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -100,10 +99,8 @@ class Bench:
             ov[k if "." in k else f"train.{k}"] = v
         return load_config(overrides=ov)
 
-    def run(self, recipe: str, seed: int = 0, max_train_concepts: int | None = None,
-            overrides: dict[str, Any] | None = None, templates: str | list[str] | None = None) -> dict[str, Any]:
-        """Fit one recipe (the pipeline's own steps) and score it on the test split and Fashion-MNIST."""
-        cfg = self.config(recipe, seed, max_train_concepts, overrides)
+    def fit(self, cfg: RunConfig, seed: int = 0) -> tuple[AlignedModel, P.Splits, dict[str, Any], Any]:
+        """The pipeline's own steps for one config: splits, training pairs, validator, fit; as a model."""
         rec = get_recipe(cfg.recipe)
         splits = P.make_splits(self.ds, cfg)
         pairs = P.make_pairs(self.cached, splits.train)
@@ -112,6 +109,13 @@ class Bench:
         projection, scale, info = P.fit_projection(self.cached, pairs, rec, cfg, validate, None, quiet)
         model = AlignedModel(self.image_encoder, self.text_encoder, projection, cfg.encoders.image_layers,
                              cfg.encoders.text_layers, scale, info)
+        return model, splits, info, pairs
+
+    def run(self, recipe: str, seed: int = 0, max_train_concepts: int | None = None,
+            overrides: dict[str, Any] | None = None, templates: str | list[str] | None = None) -> dict[str, Any]:
+        """Fit one recipe (the pipeline's own steps) and score it on the test split and Fashion-MNIST."""
+        cfg = self.config(recipe, seed, max_train_concepts, overrides)
+        model, splits, info, pairs = self.fit(cfg, seed)
         out = {"recipe": recipe, "seed": seed, "max_train_concepts": max_train_concepts,
                "train_seconds": info["train_seconds"], "steps": info.get("steps"), "best_step": info.get("best_step"),
                "n_pairs": len(pairs)}
@@ -186,17 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--low-seeds", type=int, default=None, help="seeds in the low-data regime (default: --seeds)")
     ap.add_argument("--regimes", default="full,low")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--image-layers", default="final",
+                    help="image layers every recipe sees (concatenated; layermix mixes them), e.g. final,block12,block14,block15")
     ap.add_argument("--out", default=str(RESULTS / "recipes"), help="output path without suffix")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    bench = Bench()
+    bench = Bench({"encoders.image_layers": args.image_layers.split(",")})
     notes, runs = [], []
     recipes = [r for r in args.recipes.split(",") if r]
-    if "layermix" in recipes and not bench.layers_cached:
+    if "layermix" in recipes and len(bench.image_layers) < 2:
         recipes.remove("layermix")
-        notes.append("layermix skipped: no per-layer image features are cached for this store "
-                     "(extract with `unialign extract --layers block10,block14` to include it).")
+        notes.append("layermix skipped: it mixes several image layers and this run uses one "
+                     "(run with `--image-layers final,block12,block14,block15` to include it).")
         print(notes[-1])
     for regime in args.regimes.split(","):
         for recipe in recipes:
@@ -216,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + table)
     cmd = "python3 benchmarks/recipes.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv))
     payload = {"command": cmd, "protocol": {"image": bench.cfg.encoders.image, "text": bench.cfg.encoders.text,
-                                            "split_seed": 0, "train_styles": P.EMOJI_TRAIN_STYLES,
+                                            "image_layers": bench.image_layers, "split_seed": 0, "train_styles": P.EMOJI_TRAIN_STYLES,
                                             "test_styles": P.EMOJI_TEST_STYLES, "n_test_classes": n_classes,
                                             "regimes": {k: REGIMES[k] for k in args.regimes.split(",")}},
                "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__},

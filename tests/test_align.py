@@ -135,6 +135,27 @@ def test_training_generalises_to_held_out_pairs():
     assert r1 > 0.3  # chance is 0.005
 
 
+def test_layermix_training_mixes_the_stored_layers():
+    """With several stored layers the layer-mixing head gets their boundaries (not one block of all of them)
+    and learns to lean on the informative layer: here layer 1 is pure noise."""
+    img, txt = _synthetic(1200)
+    noise = np.random.default_rng(1).normal(size=(1200, 24)).astype(np.float32)
+    tr = np.arange(1000)
+    pairs = Pairs.from_lists(tr.tolist(), [[i] for i in tr], tr.tolist())
+    cfg = TrainConfig(head="layermix", text_head="linear", dim=32, batch_size=128, epochs=15, eval_every=0, seed=0,
+                      device="cpu")
+    res = train(Features([img, noise], ["block", "noise"]), Features([txt]), pairs, cfg, log=None)
+    head = res.model.image.head
+    assert head.layer_dims == [64, 24] and res.model.image.config()["options"]["layer_dims"] == [64, 24]
+    w = head.mix_weights().mean(-1)
+    assert w[0] > w[1], w
+    te = np.arange(1000, 1200)
+    with torch.no_grad():
+        zi = F.normalize(res.model.project_image(torch.from_numpy(np.concatenate([img[te], noise[te]], 1))), dim=-1)
+        zt = F.normalize(res.model.project_text(torch.from_numpy(txt[te])), dim=-1)
+    assert retrieval_scores(zi, zt, np.arange(200))["image_retrieval_recall@1"] > 0.3  # chance 0.005
+
+
 def test_resumed_training_equals_uninterrupted(tmp_path):
     img, txt = _synthetic(300, seed=1)
     tr = np.arange(300)

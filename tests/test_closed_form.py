@@ -18,6 +18,7 @@ from unialign.align.closed_form import (
     RelativeRepresentation,
     closed_form_from_state,
     make_closed_form,
+    nuisance_directions,
 )
 
 
@@ -186,3 +187,66 @@ def test_input_validation() -> None:
         make_closed_form("asif", k=0)
     with pytest.raises(ValueError, match="lacks"):
         ASIF.from_state(ASIF().config(), {"mu_img": np.zeros(3)})
+
+
+def _styled(groups: np.ndarray, styles: np.ndarray, seed: int = 0, style_scale: float = 16.0, n_concepts: int = 400):
+    """Concepts drawn in styles: image = content + a style offset in 4 axes orthogonal to all content (the
+    caption cannot see it); text = content through another map. Returns img, txt, style basis."""
+    rng = np.random.default_rng(seed)
+    content = rng.standard_normal((n_concepts, 8))
+    a, b = rng.standard_normal((8, 32)), rng.standard_normal((8, 20))
+    basis = np.linalg.qr(np.concatenate([a.T, rng.standard_normal((32, 4))], 1))[0][:, 8:12]
+    offsets = style_scale * rng.standard_normal((int(styles.max()) + 1, 4))
+    img = content[groups] @ a + offsets[styles] @ basis.T + 0.1 * rng.standard_normal((len(groups), 32))
+    txt = content[groups] @ b + 0.1 * rng.standard_normal((len(groups), 20))
+    return img, txt, basis
+
+
+def test_nuisance_directions_recover_the_style_subspace() -> None:
+    groups, styles = np.repeat(np.arange(200), 6), np.tile(np.arange(6), 200)
+    img, _, basis = _styled(groups, styles, style_scale=3.0)
+    u = nuisance_directions(img - img.mean(0), groups, 4)
+    assert u.shape == (32, 4)
+    cosines = np.linalg.svd(u.T @ basis, compute_uv=False)  # principal angles between the two subspaces
+    assert cosines.min() > 0.99
+    assert nuisance_directions(img, np.arange(len(img)), 4).shape == (32, 0)  # singleton groups: nothing
+    assert nuisance_directions(img, None, 4).shape == (32, 0)
+
+
+def test_asif_nuisance_rank_matches_unseen_concepts_in_an_unseen_style() -> None:
+    # anchors: concepts 0-99 in each of styles 0-7 (they reveal the style axes), concepts 100-299 once each
+    # in a random style; queries: concepts 300-399 in style 8, which no anchor shows
+    gains = []
+    for seed in range(5):
+        rng = np.random.default_rng(100 + seed)
+        groups = np.concatenate([np.repeat(np.arange(100), 8), np.arange(100, 300), np.arange(300, 400)])
+        styles = np.concatenate([np.tile(np.arange(8), 100), rng.integers(0, 8, 200), np.full(100, 8)])
+        img, txt, _ = _styled(groups, styles, seed=seed)
+        fit, query = groups < 300, groups >= 300
+        plain = ASIF(k=30, p=4).fit(img[fit], txt[fit], groups=groups[fit])
+        clean = ASIF(k=30, p=4, nuisance_rank=4).fit(img[fit], txt[fit], groups=groups[fit])
+        assert plain.removed_rank == 0 and clean.removed_rank == 4
+        r_plain = _r_at_1(plain.transform_image(img[query]), plain.transform_text(txt[query]))
+        r_clean = _r_at_1(clean.transform_image(img[query]), clean.transform_text(txt[query]))
+        assert r_clean > r_plain, (seed, r_plain, r_clean)
+        gains.append(r_clean - r_plain)
+        # without groups nothing is removed and the result is plain ASIF, bit for bit
+        same = ASIF(k=30, p=4, nuisance_rank=4).fit(img[fit], txt[fit])
+        assert same.removed_rank == 0
+        assert np.array_equal(same.transform_image(img[query]), plain.transform_image(img[query]))
+    assert np.mean(gains) > 0.1, gains
+
+
+def test_asif_nuisance_state_round_trip_and_validation() -> None:
+    groups = np.repeat(np.arange(40), 3)
+    img, txt, _ = _styled(groups, np.tile(np.arange(3), 40), n_concepts=40)
+    m = ASIF(k=20, p=4, nuisance_rank=3).fit(img, txt, groups=groups)
+    loaded = closed_form_from_state("asif", json.loads(json.dumps(m.config())), m.state_dict())
+    assert loaded.removed_rank == 3
+    assert np.array_equal(loaded.transform_image(img[:5]), m.transform_image(img[:5]))
+    with pytest.raises(ValueError, match="lacks.*nuisance_img"):
+        ASIF.from_state(m.config(), {k: v for k, v in m.state_dict().items() if k != "nuisance_img"})
+    with pytest.raises(ValueError, match="groups must be one label per pair"):
+        ASIF().fit(img, txt, groups=groups[:-1])
+    with pytest.raises(ValueError, match="nuisance_rank"):
+        ASIF(nuisance_rank=-1)

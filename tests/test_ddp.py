@@ -39,7 +39,7 @@ def _step(loss: str, rank: int, world: int) -> dict:
     img, txt, pairs = _data()
     cfg = _cfg(loss)
     torch.manual_seed(0)
-    model = T.build_model(cfg, img.dim, txt.dim)
+    model = T.build_model(cfg, img.dims, txt.dims)
     T._fit_standardizers(model, img, txt, pairs, 0)
     loss_fn = T.make_loss(loss)
     crit = D.GatheredLoss(loss_fn) if world > 1 else loss_fn

@@ -153,10 +153,15 @@ def fit_projection(cached: Cached, pairs: Pairs, recipe: Recipe, cfg: RunConfig,
     params = {**recipe.params, **cfg.train.get("params", {})}
     t0 = time.perf_counter()
     aligner = make_closed_form(recipe.closed_form, **params)
-    img_rows = np.repeat(pairs.image_rows, pairs.n_captions())  # one anchor per (image, caption) pair
-    aligner.fit(cached.image[img_rows], cached.text[pairs.text_flat])
+    n_caps = pairs.n_captions()
+    img_rows = np.repeat(pairs.image_rows, n_caps)  # one anchor per (image, caption) pair
+    aligner.fit(cached.image[img_rows], cached.text[pairs.text_flat], groups=np.repeat(pairs.groups, n_caps))
     info = {"recipe": recipe.name, "params": params, "train_seconds": time.perf_counter() - t0, "n_pairs": len(img_rows)}
-    log(f"fitted {recipe.closed_form} on {len(img_rows)} pairs in {info['train_seconds']:.2f}s")
+    removed = getattr(aligner, "removed_rank", 0)
+    if removed:
+        info["nuisance_directions_removed"] = removed
+    log(f"fitted {recipe.closed_form} on {len(img_rows)} pairs in {info['train_seconds']:.2f}s"
+        + (f" ({removed} within-concept image directions removed)" if removed else ""))
     return ClosedFormProjection(aligner), 100.0, info
 
 

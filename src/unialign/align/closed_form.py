@@ -37,6 +37,7 @@ __all__ = [
     "RelativeRepresentation",
     "closed_form_from_state",
     "make_closed_form",
+    "nuisance_directions",
 ]
 
 _EPS = 1e-12
@@ -92,6 +93,36 @@ def _check_pairs(img: np.ndarray, txt: np.ndarray) -> None:
         raise ClosedFormInputError(f"need at least 2 pairs to fit, got {img.shape[0]}")
 
 
+def _check_groups(groups: Any, n: int) -> np.ndarray | None:
+    if groups is None:
+        return None
+    g = np.asarray(groups)
+    if g.ndim != 1 or g.shape[0] != n:
+        raise ClosedFormInputError(f"groups must be one label per pair ({n}), got shape {g.shape}")
+    return g
+
+
+def nuisance_directions(xc: np.ndarray, groups: np.ndarray | None, rank: int) -> np.ndarray:
+    """Top-``rank`` principal axes (d, r) of the *within-group* scatter of centred rows.
+
+    Rows of one group share a description (the same concept in several styles, or images with the
+    same caption), so how they differ (rendering style, colour, background) is exactly what the paired
+    text cannot see. Removing these directions before comparing images is nuisance attribute
+    projection (as in speaker verification). Only directions with non-zero within-group variance are
+    returned, so ``r`` is 0 when no group has two members; then nothing is removed.
+    """
+    if rank <= 0 or groups is None:
+        return np.zeros((xc.shape[1], 0))
+    _, inv = np.unique(groups, return_inverse=True)
+    sums = np.zeros((inv.max() + 1, xc.shape[1]))
+    np.add.at(sums, inv, xc)
+    resid = xc - (sums / np.bincount(inv)[:, None])[inv]
+    w, v = np.linalg.eigh(resid.T @ resid)
+    order = np.argsort(w)[::-1][:rank]
+    order = order[w[order] > 1e-9 * max(float(np.einsum("ij,ij->", xc, xc)), _EPS)]  # drop numerically-zero axes
+    return v[:, order]
+
+
 def _reg_eye(c: np.ndarray, rel: float) -> np.ndarray:
     """``c + rel * mean(diag c) * I``: ridge scaled to the matrix's own trace, so ``rel`` is unitless."""
     d = c.shape[0]
@@ -128,13 +159,19 @@ class ClosedFormAligner(ABC):
         self._state: dict[str, np.ndarray] | None = None
 
     # -- public API -------------------------------------------------------------------------------
-    def fit(self: T, img: Any, txt: Any) -> T:
-        """Fit on paired features ``img`` (n, d_img) and ``txt`` (n, d_txt); returns ``self``."""
+    def fit(self: T, img: Any, txt: Any, groups: Any = None) -> T:
+        """Fit on paired features ``img`` (n, d_img) and ``txt`` (n, d_txt); returns ``self``.
+
+        ``groups`` (optional, n integers or strings) says which pairs share a description, e.g. the same
+        concept drawn in several styles; estimators that model within-group variation use it, the
+        others ignore it.
+        """
         x = _l2n(_as_matrix(img, "img"))
         y = _l2n(_as_matrix(txt, "txt"))
         _check_pairs(x, y)
+        g = _check_groups(groups, x.shape[0])
         mu_x, mu_y = self._means(x, y)
-        fitted = self._fit(x - mu_x, y - mu_y)
+        fitted = self._fit(x - mu_x, y - mu_y, g)
         self._state = {"mu_img": mu_x, "mu_txt": mu_y, **fitted}
         return self
 
@@ -175,7 +212,7 @@ class ClosedFormAligner(ABC):
             est = cls(**dict(config))
         except TypeError as e:
             raise ClosedFormConfigError(f"bad config for {cls.__name__}: {e}") from None
-        need = ("mu_img", "mu_txt", *cls._state_keys)
+        need = ("mu_img", "mu_txt", *est._required_state())
         missing = [k for k in need if k not in state]
         if missing:
             raise ClosedFormInputError(f"{cls.__name__} state lacks {missing}; it has {sorted(state)}")
@@ -187,12 +224,16 @@ class ClosedFormAligner(ABC):
         return f"{type(self).__name__}({args}){'' if self._state else ' [unfitted]'}"
 
     # -- hooks ------------------------------------------------------------------------------------
+    def _required_state(self) -> tuple[str, ...]:
+        """Keys ``from_state`` needs beyond the two means (may depend on the hyper-parameters)."""
+        return self._state_keys
+
     def _means(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return x.mean(axis=0), y.mean(axis=0)
 
     @abstractmethod
-    def _fit(self, xc: np.ndarray, yc: np.ndarray) -> dict[str, np.ndarray]:
-        """Fit on normalised, centred float64 pairs; return the arrays for ``state_dict``."""
+    def _fit(self, xc: np.ndarray, yc: np.ndarray, groups: np.ndarray | None) -> dict[str, np.ndarray]:
+        """Fit on normalised, centred float64 pairs (``groups``: see ``fit``); return the state arrays."""
 
     @abstractmethod
     def _project_image(self, xc: np.ndarray) -> np.ndarray:
@@ -241,13 +282,22 @@ class ASIF(ClosedFormAligner):
     profile. ``k >= N`` (or ``k=None``) disables sparsification. The anchor matrices are stored (N x d
     float32 per modality); transforms run ``chunk_size`` query rows at a time so memory is
     O(chunk_size * N), but the returned profile matrix itself is dense (m, N).
+
+    ``nuisance_rank=r > 0`` (unialign's extension, off in the published default) first projects image
+    features off the top-r directions along which images *of one group* differ (``nuisance_directions``:
+    the same concept in different styles), for anchors and queries alike, so neighbours are found by
+    content rather than by drawing style. It needs ``groups`` in ``fit``; without groups, or with no
+    group of two or more pairs, it removes nothing (``removed_rank`` says how many were removed).
     """
 
     name: ClassVar[str] = "asif"
     _state_keys: ClassVar[tuple[str, ...]] = ("anchors_img", "anchors_txt")
 
-    def __init__(self, k: int | None = 800, p: float = 8.0, center: bool = True, chunk_size: int = 4096):
+    def __init__(self, k: int | None = 800, p: float = 8.0, center: bool = True, chunk_size: int = 4096,
+                 nuisance_rank: int = 0):
         super().__init__()
+        if isinstance(nuisance_rank, bool) or int(nuisance_rank) != nuisance_rank or nuisance_rank < 0:
+            raise ClosedFormConfigError(f"ASIF nuisance_rank must be an integer >= 0, got {nuisance_rank!r}")
         if k is not None and (isinstance(k, bool) or int(k) != k or k < 1):
             raise ClosedFormConfigError(f"ASIF k must be a positive integer or None, got {k!r}")
         if not (np.isfinite(p) and p > 0):
@@ -258,22 +308,44 @@ class ASIF(ClosedFormAligner):
         self.p = float(p)
         self.center = bool(center)
         self.chunk_size = int(chunk_size)
+        self.nuisance_rank = int(nuisance_rank)
 
     @property
     def n_anchors(self) -> int:
         return int(self._fitted()["anchors_img"].shape[0])
+
+    @property
+    def removed_rank(self) -> int:
+        """How many nuisance directions the fit found and removes (<= ``nuisance_rank``)."""
+        st = self._fitted()
+        return int(st["nuisance_img"].shape[1]) if "nuisance_img" in st else 0
+
+    def _required_state(self) -> tuple[str, ...]:
+        return self._state_keys + (("nuisance_img",) if self.nuisance_rank else ())
 
     def _means(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.center:
             return x.mean(axis=0), y.mean(axis=0)
         return np.zeros(x.shape[1]), np.zeros(y.shape[1])
 
-    def _fit(self, xc: np.ndarray, yc: np.ndarray) -> dict[str, np.ndarray]:
+    def _fit(self, xc: np.ndarray, yc: np.ndarray, groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        nuisance = {}
+        if self.nuisance_rank:
+            nuisance["nuisance_img"] = nuisance_directions(xc, groups, self.nuisance_rank)
+            xc = self._remove(xc, nuisance["nuisance_img"])
         # float32 anchors: halves the dominant memory cost; cosines need no more precision.
-        return {"anchors_img": _l2n(xc).astype(np.float32), "anchors_txt": _l2n(yc).astype(np.float32)}
+        return {"anchors_img": _l2n(xc).astype(np.float32), "anchors_txt": _l2n(yc).astype(np.float32), **nuisance}
+
+    @staticmethod
+    def _remove(xc: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """Project rows off the orthonormal columns of ``u`` (a no-op for zero columns)."""
+        return xc - (xc @ u) @ u.T if u.shape[1] else xc
 
     def _project_image(self, xc: np.ndarray) -> np.ndarray:
-        return self._profile(xc, self._fitted()["anchors_img"])
+        st = self._fitted()
+        if "nuisance_img" in st:
+            xc = self._remove(xc, st["nuisance_img"])
+        return self._profile(xc, st["anchors_img"])
 
     def _project_text(self, yc: np.ndarray) -> np.ndarray:
         return self._profile(yc, self._fitted()["anchors_txt"])
@@ -333,7 +405,7 @@ class LeastSquares(ClosedFormAligner):
             raise ClosedFormConfigError(f"LeastSquares alpha must be >= 0, got {alpha!r}")
         self.alpha = float(alpha)
 
-    def _fit(self, xc: np.ndarray, yc: np.ndarray) -> dict[str, np.ndarray]:
+    def _fit(self, xc: np.ndarray, yc: np.ndarray, groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
         n, d = xc.shape
         lam = max(self.alpha * float(np.einsum("ij,ij->", xc, xc)) / d, _EPS)
         if d <= n:
@@ -368,7 +440,7 @@ class Procrustes(ClosedFormAligner):
             raise ClosedFormConfigError(f"Procrustes dim must be a positive integer or None, got {dim!r}")
         self.dim = None if dim is None else int(dim)
 
-    def _fit(self, xc: np.ndarray, yc: np.ndarray) -> dict[str, np.ndarray]:
+    def _fit(self, xc: np.ndarray, yc: np.ndarray, groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
         n = xc.shape[0]
         r = min(xc.shape[1], yc.shape[1], n - 1, self.dim or n)
         px, py = _top_components(xc, r), _top_components(yc, r)
@@ -413,7 +485,7 @@ class CCA(ClosedFormAligner):
         self.reg = float(reg)
         self.corr_power = float(corr_power)
 
-    def _fit(self, xc: np.ndarray, yc: np.ndarray) -> dict[str, np.ndarray]:
+    def _fit(self, xc: np.ndarray, yc: np.ndarray, groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
         n = xc.shape[0]
         c = min(xc.shape[1], yc.shape[1], n - 1, self.n_components or 256)
         cxx = _reg_eye(xc.T @ xc / (n - 1), self.reg)

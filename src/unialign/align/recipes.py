@@ -27,12 +27,15 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     # Chosen on validation concepts in a held-out *training* style (train on two of google/twitter/openmoji,
-    # score the validation concepts in the third, average the three rotations; docs/recipes.md): anchor
-    # representations generalised to an unseen style far better than every trained head tried (17-20% vs
-    # 10-13% top-1), and k=200, p=4 was the best (k, p) there. Test numbers played no part in the choice.
+    # score the validation concepts in the third, average the three rotations; benchmarks/tune_unialign.py,
+    # docs/recipes.md) by the early-stopping score, mean of top-1 and top-5: anchor representations
+    # generalised to an unseen style far better than every trained head tried (17-20% vs 10-13% top-1), and
+    # projecting images off the directions in which one concept's images differ across styles added 1-3
+    # points top-1 and 3-5 top-5 at every (k, p) tried. Test numbers played no part in the choice.
     Recipe("unialign", "unialign's default: centred ASIF anchor representations over every training "
-           "(image, caption) pair, sparsity k=200 and power p=4 chosen on style-held-out validation",
-           closed_form="asif", params={"k": 200, "p": 4.0, "center": True}),
+           "(image, caption) pair (k=400, p=4) after projecting images off the 32 directions in which "
+           "images of one concept differ (drawing style), chosen on style-held-out validation",
+           closed_form="asif", params={"k": 400, "p": 4.0, "center": True, "nuisance_rank": 32}),
     Recipe("linear", "LiT-style linear heads + symmetric InfoNCE (learnable temperature)",
            {"head": "linear", "loss": "infonce"}),
     Recipe("mlp", "two-layer GELU MLP heads + InfoNCE", {"head": "mlp", "loss": "infonce"}),

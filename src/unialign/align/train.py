@@ -19,7 +19,7 @@ import mmap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -77,10 +77,17 @@ class TrainResult:
     parameters: int
 
 
-def build_model(cfg: TrainConfig, image_dim: int, text_dim: int) -> HeadPair:
-    return HeadPair.build(cfg.head, image_dim, text_dim, cfg.dim, cfg.text_head,
-                          cfg.head_options.get("image", cfg.head_options.get("all", {})),
-                          cfg.head_options.get("text", cfg.head_options.get("all", {})))
+def build_model(cfg: TrainConfig, image_dims: Sequence[int], text_dims: Sequence[int]) -> HeadPair:
+    """Heads for features made of layers of the given widths (one entry per stored layer). A layer-mixing
+    head is told the layer boundaries unless its options name them."""
+    def options(side: str, kind: str, dims: Sequence[int]) -> dict[str, Any]:
+        opts = dict(cfg.head_options.get(side, cfg.head_options.get("all", {})))
+        if kind == "layermix":
+            opts.setdefault("layer_dims", [int(d) for d in dims])
+        return opts
+
+    return HeadPair.build(cfg.head, sum(image_dims), sum(text_dims), cfg.dim, cfg.text_head,
+                          options("image", cfg.head, image_dims), options("text", cfg.text_head or cfg.head, text_dims))
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -121,7 +128,7 @@ def train(
     world, rank = (D.world_size(), D.rank()) if use_dist else (1, 0)
     main = rank == 0
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, img.dim, txt.dim)
+    model = build_model(cfg, img.dims, txt.dims)
     _fit_standardizers(model, img, txt, pairs, cfg.seed,
                        release=(lambda: _release_pages(img, txt)) if cfg.sampling == "chunked" else None)
     model.to(device)
