@@ -248,5 +248,8 @@ def test_asif_nuisance_state_round_trip_and_validation() -> None:
         ASIF.from_state(m.config(), {k: v for k, v in m.state_dict().items() if k != "nuisance_img"})
     with pytest.raises(ValueError, match="groups must be one label per pair"):
         ASIF().fit(img, txt, groups=groups[:-1])
-    with pytest.raises(ValueError, match="nuisance_rank"):
-        ASIF(nuisance_rank=-1)
+    for bad in (-1, 2.5, "abc", True):  # config values arrive from --set as any type: one clear message each
+        with pytest.raises(ValueError, match="nuisance_rank must be an integer"):
+            ASIF(nuisance_rank=bad)
+    with pytest.raises(ValueError, match="p must be a positive number"):
+        make_closed_form("asif", p="x")

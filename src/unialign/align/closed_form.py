@@ -93,6 +93,16 @@ def _check_pairs(img: np.ndarray, txt: np.ndarray) -> None:
         raise ClosedFormInputError(f"need at least 2 pairs to fit, got {img.shape[0]}")
 
 
+def _is_int(v: Any) -> bool:
+    """An integral number (3, np.int64(3), 3.0), not a bool or a string: hyper-parameters from configs."""
+    return (isinstance(v, (int, np.integer)) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+
+
+def _is_real(v: Any) -> bool:
+    """A finite real number, not a bool or a string."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
 def _check_groups(groups: Any, n: int) -> np.ndarray | None:
     if groups is None:
         return None
@@ -296,11 +306,11 @@ class ASIF(ClosedFormAligner):
     def __init__(self, k: int | None = 800, p: float = 8.0, center: bool = True, chunk_size: int = 4096,
                  nuisance_rank: int = 0):
         super().__init__()
-        if isinstance(nuisance_rank, bool) or int(nuisance_rank) != nuisance_rank or nuisance_rank < 0:
+        if not _is_int(nuisance_rank) or nuisance_rank < 0:
             raise ClosedFormConfigError(f"ASIF nuisance_rank must be an integer >= 0, got {nuisance_rank!r}")
-        if k is not None and (isinstance(k, bool) or int(k) != k or k < 1):
+        if k is not None and (not _is_int(k) or k < 1):
             raise ClosedFormConfigError(f"ASIF k must be a positive integer or None, got {k!r}")
-        if not (np.isfinite(p) and p > 0):
+        if not (_is_real(p) and p > 0):
             raise ClosedFormConfigError(f"ASIF p must be a positive number, got {p!r}")
         if int(chunk_size) < 1:
             raise ClosedFormConfigError(f"chunk_size must be >= 1, got {chunk_size!r}")
@@ -401,7 +411,7 @@ class LeastSquares(ClosedFormAligner):
 
     def __init__(self, alpha: float = 1e-2):
         super().__init__()
-        if not (np.isfinite(alpha) and alpha >= 0):
+        if not (_is_real(alpha) and alpha >= 0):
             raise ClosedFormConfigError(f"LeastSquares alpha must be >= 0, got {alpha!r}")
         self.alpha = float(alpha)
 
@@ -436,7 +446,7 @@ class Procrustes(ClosedFormAligner):
 
     def __init__(self, dim: int | None = None):
         super().__init__()
-        if dim is not None and (isinstance(dim, bool) or int(dim) != dim or dim < 1):
+        if dim is not None and (not _is_int(dim) or dim < 1):
             raise ClosedFormConfigError(f"Procrustes dim must be a positive integer or None, got {dim!r}")
         self.dim = None if dim is None else int(dim)
 
@@ -473,13 +483,11 @@ class CCA(ClosedFormAligner):
 
     def __init__(self, n_components: int | None = None, reg: float = 1e-3, corr_power: float = 1.0):
         super().__init__()
-        if n_components is not None and (
-            isinstance(n_components, bool) or int(n_components) != n_components or n_components < 1
-        ):
+        if n_components is not None and (not _is_int(n_components) or n_components < 1):
             raise ClosedFormConfigError(f"CCA n_components must be a positive integer or None, got {n_components!r}")
-        if not (np.isfinite(reg) and reg > 0):
+        if not (_is_real(reg) and reg > 0):
             raise ClosedFormConfigError(f"CCA reg must be > 0, got {reg!r}")
-        if not (np.isfinite(corr_power) and corr_power >= 0):
+        if not (_is_real(corr_power) and corr_power >= 0):
             raise ClosedFormConfigError(f"CCA corr_power must be >= 0, got {corr_power!r}")
         self.n_components = None if n_components is None else int(n_components)
         self.reg = float(reg)
