@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,6 +31,12 @@ def markdown(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def command(script: str, argv: Sequence[str] | None = None) -> str:
+    """The command line that made a result, for its Markdown and JSON: ``python3 benchmarks/<script> <args>``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["python3", f"benchmarks/{script}", *args])
 
 
 def write(name: str, data: dict[str, Any], table: str, command: str) -> None:

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from _common import markdown, write
+from _common import command, markdown, write
 from unialign.data import load_dataset
 from unialign.encoders import load_encoder
 from unialign.features.extract import extract
@@ -61,7 +61,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in runs.items()}
     rows = [[k, f"{med[k]:.1f}", f"{med[k] / med['bare']:.2f}", ", ".join(f"{x:.1f}" for x in runs[k])] for k in runs]
     table = markdown(["path", "median img/s", "ratio to bare forward", "runs (img/s)"], rows)
-    cmd = "python3 benchmarks/extract_throughput.py " + " ".join(sys.argv[1:])
+    cmd = command("extract_throughput.py")
     write("extract_throughput", {"encoder": enc.spec, "n": args.n, "batch_size": args.batch_size, "runs": runs,
                                  "median": med, "ratio": {k: med[k] / med["bare"] for k in med}}, table, cmd.strip())
 

@@ -14,13 +14,13 @@ import sys
 from typing import Any
 
 import numpy as np
-import torch
 from scipy.stats import binomtest
 
-from _common import markdown, write
+from _common import command, markdown, write
 from recipes import Bench, quiet
 from unialign import pipeline as P
-from unialign.evaluate.metrics import class_embeddings
+from unialign.evaluate.metrics import zero_shot_hits
+from unialign.evaluate.tasks import zero_shot_weights
 from unialign.evaluate.templates import get_templates
 
 
@@ -30,13 +30,10 @@ def correct(bench: Bench, recipe: str, seed: int = 0) -> dict[str, np.ndarray]:
     model, splits, _, _ = bench.fit(cfg, seed)
     feats, kept = bench.cached.image_feats(splits.test)
     names, labels = P.class_names_and_labels(bench.ds, kept)
-    temps = get_templates(cfg.eval.templates)
-    prompts = [t.format(c) for c in names for t in temps]
-    txt = model.encode_text(prompts, batch_size=256, convert_to_numpy=False).view(len(names), len(temps), -1)
-    img = torch.nn.functional.normalize(model.project_image_features(feats).float(), dim=-1)
-    top5 = (img @ class_embeddings(txt).T).topk(5, dim=1).indices.numpy()
-    hit = top5 == np.asarray(labels)[:, None]
-    return {"acc1": hit[:, 0].astype(np.int64), "acc5": hit.any(1).astype(np.int64)}
+    embed = lambda prompts: model.encode_text(prompts, batch_size=256, convert_to_numpy=False)  # noqa: E731
+    weights = zero_shot_weights(embed, names, get_templates(cfg.eval.templates))
+    hit1, hit5 = zero_shot_hits(model.project_image_features(feats), weights, labels)
+    return {"acc1": hit1.numpy().astype(np.int64), "acc5": hit5.numpy().astype(np.int64)}
 
 
 def compare(a: np.ndarray, b: np.ndarray, n_boot: int = 10000, seed: int = 0) -> dict[str, Any]:
@@ -62,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                      [[m, args.a, args.b, r["n"], f"{100 * r['a']:.1f}", f"{100 * r['b']:.1f}",
                        f"{100 * r['diff']:+.1f} [{100 * r['ci95'][0]:+.1f}, {100 * r['ci95'][1]:+.1f}]",
                        r["only_a"], r["only_b"], f"{r['mcnemar_p']:.3g}"] for m, r in res.items()])
-    argv_ = argv if argv is not None else sys.argv[1:]
-    write(f"paired_{args.a}_vs_{args.b}", res, table, "python3 benchmarks/paired.py" + (" " + " ".join(argv_) if argv_ else ""))
+    write(f"paired_{args.a}_vs_{args.b}", res, table, command("paired.py", argv))
     return 0
 
 

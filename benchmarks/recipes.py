@@ -31,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
+from _common import command
 from unialign import pipeline as P
 from unialign.align.data import Features
 from unialign.align.recipes import get_recipe
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     chance = {"acc1": 1 / n_classes, "acc5": 5 / n_classes}
     table = markdown(rows, chance)
     print("\n" + table)
-    cmd = "python3 benchmarks/recipes.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv))
+    cmd = command("recipes.py", argv)
     payload = {"command": cmd, "protocol": {"image": bench.cfg.encoders.image, "text": bench.cfg.encoders.text,
                                             "image_layers": bench.image_layers, "split_seed": 0, "train_styles": P.EMOJI_TRAIN_STYLES,
                                             "test_styles": P.EMOJI_TEST_STYLES, "n_test_classes": n_classes,

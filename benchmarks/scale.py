@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import machine
+from _common import command, machine
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -256,7 +256,7 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=10000)
     p.add_argument("--cleanup", action="store_true", help="delete each synthetic store after its runs")
     a = p.parse_args()
-    cmd = "python3 benchmarks/scale.py " + " ".join(sys.argv[1:])
+    cmd = command("scale.py")
     if a.cmd == "extract":
         bench_extract(a)
     elif a.cmd == "_make":

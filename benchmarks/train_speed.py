@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 
-from _common import markdown, peak_rss_mb, write
+from _common import command, markdown, peak_rss_mb, write
 from unialign.align.recipes import get_recipe, train_config
 from unialign.align.train import train
 from unialign.config import load_config
@@ -66,7 +65,7 @@ def main() -> None:
     converge["default_preset_fit_seconds"] = fit_s
     write("train_speed", {"throughput_pairs_per_s": speed, "converge": converge, "peak_rss_mb_before_training": rss_before,
                           "peak_rss_mb": peak_rss_mb()}, table1 + "\n\n" + table2,
-          "python3 benchmarks/train_speed.py " + " ".join(sys.argv[1:]))
+          command("train_speed.py"))
 
 
 if __name__ == "__main__":

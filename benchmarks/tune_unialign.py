@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from _common import markdown, write
+from _common import command, markdown, write
 from recipes import Bench, _flatten, quiet
 from unialign import pipeline as P
 from unialign.evaluate.templates import get_templates
@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                       "acc1 per held-out style (" + " / ".join(STYLES) + ")"],
                      [[r["candidate"], f"{100 * r['acc1']:.1f}", f"{100 * r['acc5']:.1f}", f"{100 * r['r10']:.1f}",
                        " / ".join(f"{100 * r['per_style'][h]['acc1']:.1f}" for h in STYLES)] for r in rows])
-    cmd = "python3 benchmarks/tune_unialign.py" + ("" if not (argv if argv is not None else sys.argv[1:])
-                                                   else " " + " ".join(argv if argv is not None else sys.argv[1:]))
+    cmd = command("tune_unialign.py", argv)
     write("tune_unialign", {"protocol": "style-held-out validation (fit on 2 training styles, score validation "
                                         "concepts in the third; mean of 3 rotations)", "rows": rows,
                             "seconds": time.perf_counter() - t0}, table, cmd)

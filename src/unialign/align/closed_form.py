@@ -312,7 +312,7 @@ class ASIF(ClosedFormAligner):
             raise ClosedFormConfigError(f"ASIF k must be a positive integer or None, got {k!r}")
         if not (_is_real(p) and p > 0):
             raise ClosedFormConfigError(f"ASIF p must be a positive number, got {p!r}")
-        if int(chunk_size) < 1:
+        if not _is_int(chunk_size) or chunk_size < 1:
             raise ClosedFormConfigError(f"chunk_size must be >= 1, got {chunk_size!r}")
         self.k = None if k is None else int(k)
         self.p = float(p)

@@ -37,12 +37,18 @@ def topk_indices(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int =
     return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long)
 
 
+def zero_shot_hits(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: Sequence[int] | torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: is the true class the top-1 prediction, and is it among the top 5 (paired tests need these)."""
+    labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    top = topk_indices(image_emb, class_emb, 5)
+    return top[:, 0] == labels_t, (top == labels_t[:, None]).any(1)
+
+
 def zero_shot_scores(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: Sequence[int]) -> dict[str, float]:
     """``acc1``, ``acc5`` and ``mean_per_class_recall`` (mean over classes present of top-1 recall)."""
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    top = topk_indices(image_emb, class_emb, 5)
-    hit1 = top[:, 0] == labels_t
-    hit5 = (top == labels_t[:, None]).any(1)
+    hit1, hit5 = zero_shot_hits(image_emb, class_emb, labels_t)
     present = torch.unique(labels_t)
     recalls = torch.stack([hit1[labels_t == c].float().mean() for c in present])
     return {"acc1": hit1.float().mean().item(), "acc5": hit5.float().mean().item(),

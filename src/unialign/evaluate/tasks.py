@@ -20,10 +20,15 @@ Projector = Callable[[np.ndarray], torch.Tensor]
 def zero_shot(project_image: Projector, embed_prompts: Callable[[list[str]], torch.Tensor], image_feats: np.ndarray,
               labels: Sequence[int], class_names: Sequence[str], templates: Sequence[str]) -> tuple[dict[str, float], dict[str, float]]:
     """Scores and chance levels of zero-shot classification among ``class_names``."""
-    prompts = [t.format(c) for c in class_names for t in templates]
-    per_t = embed_prompts(prompts).view(len(class_names), len(templates), -1)
-    weights = class_embeddings(per_t)
+    weights = zero_shot_weights(embed_prompts, class_names, templates)
     return zero_shot_scores(project_image(image_feats), weights, labels), zero_shot_chance(labels, len(class_names))
+
+
+def zero_shot_weights(embed_prompts: Callable[[list[str]], torch.Tensor], class_names: Sequence[str],
+                      templates: Sequence[str]) -> torch.Tensor:
+    """One embedding per class: every template filled with the class name, embedded, averaged (CLIP)."""
+    prompts = [t.format(c) for c in class_names for t in templates]
+    return class_embeddings(embed_prompts(prompts).view(len(class_names), len(templates), -1))
 
 
 def retrieval(project_image: Projector, project_text: Projector, image_feats: np.ndarray, text_feats: np.ndarray,
