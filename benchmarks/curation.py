@@ -70,11 +70,8 @@ def split_task(cached: pipeline.Cached, indices: np.ndarray, te, cfg, templates:
     """Classification among the split's concepts (or a labelled set's classes), as evaluate_split does."""
     ds = cached.dataset
     feats, kept = cached.image_feats(indices)
-    labels_of = ds.concept_labels()
-    concepts = list(ds.classes) if ds.classes is not None else list(dict.fromkeys(ds.records[i]["concept"] for i in kept))
-    names = [labels_of.get(c, c) for c in concepts]
-    cid = {c: j for j, c in enumerate(concepts)}
-    labels = np.asarray([cid[ds.records[i]["concept"]] for i in kept])
+    names, labels_list = pipeline.class_names_and_labels(ds, kept)
+    labels = np.asarray(labels_list)
     temps = get_templates(templates)
     return ZeroShot(feats, labels, pipeline.prompt_features(te, cfg.encoders.text_layers, names, temps), len(names), len(temps))
 

@@ -34,11 +34,6 @@ except ImportError:  # pragma: no cover
     from sentence_transformers.models import Dense, Module, Normalize
 
 
-def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
-
-
 class UnialignTextHead(Module):
     """A unialign text tower (Standardize + head) as a sentence-transformers module.
 
@@ -56,14 +51,10 @@ class UnialignTextHead(Module):
         self.net = Tower.from_config(self.tower)
 
     def forward(self, features: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        parts = []
-        for key in self.layers:
-            if key == "final":
-                parts.append(features["sentence_embedding"].float())
-            else:
-                hidden = features["all_layer_embeddings"][int(key[5:])]
-                parts.append(masked_mean(hidden, features["attention_mask"]).float())
-        features["sentence_embedding"] = self.net(torch.cat(parts, dim=1))
+        from .encoders.st import layer_features
+
+        parts = layer_features(features, self.layers)
+        features["sentence_embedding"] = self.net(torch.cat([parts[k] for k in self.layers], dim=1))
         return features
 
     def get_sentence_embedding_dimension(self) -> int:

@@ -11,6 +11,7 @@ Loading needs only this module and the encoders, no training code.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -45,12 +46,6 @@ class ClosedFormProjection:
     def project_text(self, x: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(self.aligner.transform_text(x.detach().cpu().float().numpy()))
 
-    def to(self, device: Any) -> "ClosedFormProjection":
-        return self
-
-    def eval(self) -> "ClosedFormProjection":
-        return self
-
 
 def make_projection(kind: str, config: dict[str, Any], state: dict[str, torch.Tensor]) -> Any:
     if kind == "heads":
@@ -58,10 +53,9 @@ def make_projection(kind: str, config: dict[str, Any], state: dict[str, torch.Te
         heads.load_state_dict(state)
         return heads.eval()
     if kind == "closed_form":
-        from .align.closed_form import CLOSED_FORM
+        from .align.closed_form import closed_form_from_state
 
-        cls = CLOSED_FORM[config["name"]]
-        return ClosedFormProjection(cls.from_state(config["params"], {k: v.numpy() for k, v in state.items()}))
+        return ClosedFormProjection(closed_form_from_state(config["name"], config["params"], state))
     raise UnialignError(f"unknown projection kind {kind!r} in model config")
 
 
@@ -80,6 +74,13 @@ class AlignedModel:
         if isinstance(projection, torch.nn.Module):
             projection.to(self.device).eval()
 
+    @functools.cached_property
+    def embedding_dim(self) -> int:
+        """Width of the shared space, found by projecting one zero text-feature row (heads and
+        closed-form maps alike, without knowing how either computes its output)."""
+        width = sum(self.text_encoder.layer_dims[l] for l in self.text_layers)
+        return int(self.project_text_features(np.zeros((1, width), np.float32)).shape[1])
+
     # -- features -> shared space ---------------------------------------------------------------
     @torch.inference_mode()
     def project_image_features(self, feats: np.ndarray | torch.Tensor, batch_size: int = 65536) -> torch.Tensor:
@@ -92,7 +93,9 @@ class AlignedModel:
 
     def _project(self, fn: Any, feats: np.ndarray | torch.Tensor, batch_size: int) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(feats, dtype=np.float32) if not isinstance(feats, torch.Tensor) else feats)
-        outs = [F.normalize(fn(x[s : s + batch_size].to(self.device).float()).float(), dim=-1).cpu()
+        # heads run on the encoders' device; closed-form maps are numpy, so their input stays on the CPU
+        device = self.device if isinstance(self.projection, torch.nn.Module) else "cpu"
+        outs = [F.normalize(fn(x[s : s + batch_size].to(device).float()).float(), dim=-1).cpu()
                 for s in range(0, len(x), batch_size)]
         return torch.cat(outs) if outs else torch.zeros(0, 0)
 

@@ -173,7 +173,8 @@ def validator(cached: Cached, text_encoder: Encoder, indices: np.ndarray, cfg: R
     concepts = list(dict.fromkeys(ds.records[i]["concept"] for i in kept))
     cid = {c: j for j, c in enumerate(concepts)}
     labels = torch.tensor([cid[ds.records[i]["concept"]] for i in kept])
-    names = [ds.concept_labels()[c] for c in concepts]
+    labels_of = ds.concept_labels()
+    names = [labels_of[c] for c in concepts]
     temps = get_templates(cfg.eval.templates)
     pfeats = torch.from_numpy(prompt_features(text_encoder, cfg.encoders.text_layers, names, temps))
     x = torch.from_numpy(feats)

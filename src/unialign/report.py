@@ -75,16 +75,16 @@ class ZeroShot:
 
 def zero_shot_predictions(model: Any, cached: Any, indices: np.ndarray, name: str, templates: Sequence[str]) -> ZeroShot:
     """Top-5 zero-shot predictions with the same classes, prompts and features as ``evaluate_split``."""
-    from .evaluate.metrics import class_embeddings, topk_indices
+    from .evaluate.metrics import topk_indices
+    from .evaluate.tasks import zero_shot_weights
     from .pipeline import class_names_and_labels
 
     ds = cached.dataset
     feats, kept = cached.image_feats(indices)
     names, labels_list = class_names_and_labels(ds, kept)
     labels = np.asarray(labels_list)
-    prompts = [t.format(c) for c in names for t in templates]
-    per_t = model.encode_text(prompts, batch_size=256, convert_to_numpy=False).view(len(names), len(templates), -1)
-    top5 = topk_indices(model.project_image_features(feats), class_embeddings(per_t), 5).numpy()
+    embed = lambda prompts: model.encode_text(prompts, batch_size=256, convert_to_numpy=False)  # noqa: E731
+    top5 = topk_indices(model.project_image_features(feats), zero_shot_weights(embed, names, templates), 5).numpy()
     groups = [str(ds.records[i].get("category")) for i in kept] if "category" in ds.records[0] else None
     return ZeroShot(name, names, labels, top5, np.asarray(kept), groups)
 
@@ -264,19 +264,6 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
 
-def _results_rows(records: Sequence[dict[str, Any]]) -> list[list[str]]:
-    from .evaluate.report import MAIN_METRICS
-
-    rows = []
-    for r in records:
-        for m in MAIN_METRICS.get(r["task"], list(r["metrics"])):
-            if m in r["metrics"]:
-                s, c = r["metrics"][m], r.get("chance", {}).get(m)
-                rows.append([r["dataset"], r["task"], m, f"{100 * s:.2f}", "-" if c is None else f"{100 * c:.2f}",
-                             f"{s / c:.1f}" if c else "-"])
-    return rows
-
-
 def write_pages(out: Path, sections: list[tuple[str, str, list[tuple[Sequence[str], list[list[Any]]]], list[Path]]],
                 title: str) -> tuple[Path, Path]:
     """sections: (heading, paragraph, [(header, rows)], [png paths])."""
@@ -315,6 +302,7 @@ def report(run_dir: str | Path, out: str | Path | None = None, n_queries: int = 
     from .errors import UnialignError
     from .io import read_json
     from .model import AlignedModel
+    from .evaluate.report import result_rows
     from .evaluate.templates import get_templates
 
     run_dir = Path(run_dir)
@@ -426,7 +414,7 @@ def report(run_dir: str | Path, out: str | Path | None = None, n_queries: int = 
                ["training seconds", f"{info['train_seconds']:.1f}" if "train_seconds" in info else "-"]]
     sections.insert(0, ("Run", "", [(["", ""], summary)], []))
     sections.insert(1, ("Results (CLIP_benchmark records)", "Scores beside the chance level of each metric.",
-                        [(["dataset", "task", "metric", "score %", "chance %", "x chance"], _results_rows(records))], []))
+                        [(["dataset", "task", "metric", "score %", "chance %", "x chance"], result_rows(records))], []))
     if check_rows:
         sections.append(("Recomputed from the saved model", "Zero-shot accuracy recomputed for this report from the "
                          "saved model and the cached features, beside the numbers the run saved.",

@@ -127,10 +127,9 @@ def nuisance_directions(xc: np.ndarray, groups: np.ndarray | None, rank: int) ->
     sums = np.zeros((inv.max() + 1, xc.shape[1]))
     np.add.at(sums, inv, xc)
     resid = xc - (sums / np.bincount(inv)[:, None])[inv]
-    w, v = np.linalg.eigh(resid.T @ resid)
-    order = np.argsort(w)[::-1][:rank]
-    order = order[w[order] > 1e-9 * max(float(np.einsum("ij,ij->", xc, xc)), _EPS)]  # drop numerically-zero axes
-    return v[:, order]
+    w, v = _scatter_axes(resid)
+    keep = w[:rank] > 1e-9 * max(float(np.einsum("ij,ij->", xc, xc)), _EPS)  # drop numerically-zero axes
+    return v[:, :rank][:, keep]
 
 
 def _reg_eye(c: np.ndarray, rel: float) -> np.ndarray:
@@ -148,8 +147,14 @@ def _inv_sqrt_psd(c: np.ndarray) -> np.ndarray:
 def _top_components(xc: np.ndarray, r: int) -> np.ndarray:
     """Top-``r`` principal axes (d, r) of centred rows, via the d x d scatter: cheaper than an SVD of
     the n x d data when n >> d, and float64 keeps the squared condition number harmless here."""
-    w, v = np.linalg.eigh(xc.T @ xc)
-    return v[:, np.argsort(w)[::-1][:r]]
+    return _scatter_axes(xc)[1][:, :r]
+
+
+def _scatter_axes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending) and eigenvectors (columns, same order) of the scatter ``x^T x``."""
+    w, v = np.linalg.eigh(x.T @ x)
+    order = np.argsort(w)[::-1]
+    return w[order], v[:, order]
 
 
 # ------------------------------------------------------------------------------------- base class
@@ -334,9 +339,7 @@ class ASIF(ClosedFormAligner):
         return self._state_keys + (("nuisance_img",) if self.nuisance_rank else ())
 
     def _means(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.center:
-            return x.mean(axis=0), y.mean(axis=0)
-        return np.zeros(x.shape[1]), np.zeros(y.shape[1])
+        return super()._means(x, y) if self.center else (np.zeros(x.shape[1]), np.zeros(y.shape[1]))
 
     def _fit(self, xc: np.ndarray, yc: np.ndarray, groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
         nuisance = {}

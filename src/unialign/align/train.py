@@ -369,6 +369,3 @@ def _load_checkpoint(path: str | Path, model: HeadPair, loss_fn: torch.nn.Module
         torch.cuda.set_rng_state_all(payload["cuda_rng"])
     return payload["state"]
 
-
-def config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return asdict(cfg)

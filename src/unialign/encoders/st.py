@@ -114,15 +114,7 @@ class SentenceTransformerEncoder(Encoder):
         features = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
         for module in self._modules:  # the model's own pipeline, minus a trailing Normalize
             features = module(features)
-        out: dict[str, torch.Tensor] = {}
-        mask = features["attention_mask"]
-        hidden = features.get("all_layer_embeddings")
-        for key in layers:
-            if key == FINAL:
-                out[key] = features["sentence_embedding"].float()
-            else:
-                out[key] = masked_mean(hidden[int(key[5:])], mask).float()
-        return out
+        return layer_features(features, layers)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -133,3 +125,16 @@ class SentenceTransformerEncoder(Encoder):
             "layer_pooling": "masked mean of hidden states",
             "layers": self.layer_dims,
         }
+
+
+def layer_features(features: dict[str, Any], layers: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Named layers from a sentence-transformers forward pass: ``"final"`` is its ``sentence_embedding``,
+    ``"layerK"`` the masked mean of hidden state K (``all_layer_embeddings``). Shared with the exported
+    sentence-transformers module, so an export embeds exactly as the encoder did."""
+    out: dict[str, torch.Tensor] = {}
+    for key in layers:
+        if key == FINAL:
+            out[key] = features["sentence_embedding"].float()
+        else:
+            out[key] = masked_mean(features["all_layer_embeddings"][int(key[5:])], features["attention_mask"]).float()
+    return out

@@ -32,15 +32,20 @@ def markdown_table(records: Sequence[dict[str, Any]] | dict[str, Any]) -> str:
     if isinstance(records, dict):
         records = records.get("records", [])
     rows = ["| dataset | task | metric | score % | chance % | x chance |", "|---|---|---|---:|---:|---:|"]
+    rows += ["| " + " | ".join(r) + " |" for r in result_rows(records)]
+    return "\n".join(rows)
+
+
+def result_rows(records: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """The main metrics of each record as text cells: dataset, task, metric, score %, chance %, x chance."""
+    rows = []
     for r in records:
         for m in MAIN_METRICS.get(r["task"], list(r["metrics"])):
-            if m not in r["metrics"]:
-                continue
-            s, c = r["metrics"][m], r.get("chance", {}).get(m)
-            ratio = f"{s / c:.1f}" if c else "-"
-            rows.append(f"| {r['dataset']} | {r['task']} | {m} | {100 * s:.2f} | "
-                        f"{'-' if c is None else f'{100 * c:.2f}'} | {ratio} |")
-    return "\n".join(rows)
+            if m in r["metrics"]:
+                s, c = r["metrics"][m], r.get("chance", {}).get(m)
+                rows.append([r["dataset"], r["task"], m, f"{100 * s:.2f}", "-" if c is None else f"{100 * c:.2f}",
+                             f"{s / c:.1f}" if c else "-"])
+    return rows
 
 
 def write_results(folder: str | Path, records: Sequence[dict[str, Any]]) -> list[Path]:

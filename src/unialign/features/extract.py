@@ -56,7 +56,10 @@ def store_key(dataset: PairDataset, encoder: Encoder, layers: Sequence[str], dty
 def default_store_path(dataset: PairDataset, encoder: Encoder, layers: Sequence[str] = (FINAL,), dtype: str = "float16",
                        shard_size: int = 4096) -> Path:
     """``$UNIALIGN_HOME/features/<dataset>/<encoder>-<hash>``: a new folder whenever inputs change."""
-    key = store_key(dataset, encoder, layers, dtype, shard_size)
+    return _path_for_key(dataset, encoder, store_key(dataset, encoder, layers, dtype, shard_size))
+
+
+def _path_for_key(dataset: PairDataset, encoder: Encoder, key: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in encoder.spec)[:60]
     return paths.features_dir() / dataset.name / f"{slug}-{digest}"
@@ -95,8 +98,8 @@ def extract(
         raise StoreError("shard_size and batch_size must be >= 1")
     layers = list(dict.fromkeys([FINAL, *layers]))
     encoder.check_layers(layers)
-    root = Path(out) if out is not None else default_store_path(dataset, encoder, layers, dtype, shard_size)
-    key = store_key(dataset, encoder, layers, dtype, shard_size)
+    key = store_key(dataset, encoder, layers, dtype, shard_size)  # fingerprints the dataset: once per call
+    root = Path(out) if out is not None else _path_for_key(dataset, encoder, key)
     _claim(root, key, overwrite)
     if (root / "manifest.json").exists():
         return FeatureStore.open(root)

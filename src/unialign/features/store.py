@@ -70,7 +70,7 @@ class ShardedArray:
 
     def __getitem__(self, idx: Any) -> np.ndarray:
         if isinstance(idx, slice):
-            idx = np.arange(len(self))[idx]
+            idx = np.arange(*idx.indices(len(self)))
         idx = np.asarray(idx, dtype=np.int64)
         scalar = idx.ndim == 0
         idx = np.atleast_1d(idx)

@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..features.store import FINAL
 from ..io import save_figure
 from .metrics import METRICS, MetricFn, calibrate as calibrate_metric, rice_k
 from .probe import probe
@@ -54,7 +55,6 @@ __all__ = [
 ]
 
 Log = Callable[[str], None]
-FINAL = "final"
 DEFAULT_METRICS = ("mutual_knn",)
 #: Every metric ``select`` accepts: the similarity metrics plus SAIL's alignment probe.
 SELECT_METRICS: dict[str, MetricFn] = {**METRICS, "probe": probe}
@@ -125,7 +125,7 @@ def sample_items(ds: Any, n: int, seed: int = 0, split: str = "train", cfg: Any 
         pool = np.arange(len(ds))
     else:
         raise ConfigError(f"split: expected 'train' or 'all', got {split!r}")
-    pool = np.asarray([i for i in pool if any(isinstance(c, str) and c.strip() for c in ds.captions(int(i)))], dtype=np.int64)
+    pool = np.asarray([i for i in pool if _captions(ds, i)], dtype=np.int64)
     if len(pool) < 8:
         raise DataError(f"{ds.name}: only {len(pool)} captioned items in the {split} split; need at least 8")
     rng = np.random.default_rng([seed, 11])

@@ -177,8 +177,7 @@ def create_app(model_dir: str | Path, index_dir: str | Path | None = None, limit
             raise UnialignError(f"index folder {ipath} does not exist (build one with `unialign index`)")
         index = ImageIndex.load(ipath)
         index.check_model(model)
-    dim = int(model.project_text_features(np.zeros((1, sum(model.text_encoder.layer_dims[l] for l in model.text_layers)),
-                                                   np.float32)).shape[1])
+    dim = model.embedding_dim
     lock = threading.Lock()  # encoders (HF tokenizers, torch modules) are not made for concurrent calls
     text_cache, class_cache = _LRU(2048), _LRU(8192)
 
@@ -380,9 +379,11 @@ def create_app(model_dir: str | Path, index_dir: str | Path | None = None, limit
             raise _error(404, f"the image file of row {row} is no longer at {path}")
         return FileResponse(path, headers={"Cache-Control": "public, max-age=3600"})
 
+    page_html = (STATIC / "index.html").read_text(encoding="utf-8")  # read once, not per request
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
-        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+        return HTMLResponse(page_html)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

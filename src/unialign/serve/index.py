@@ -73,13 +73,17 @@ def load_collection(spec: str, styles: Sequence[str] | None = None, limit: int |
 
 
 # -- FAISS ---------------------------------------------------------------------------------------
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise UnialignError(f"unknown index kind {kind!r}; choose one of {list(KINDS)}")
+
+
 def make_faiss_index(vectors: np.ndarray, kind: str = "auto", threshold: int = DEFAULT_THRESHOLD,
                      nlist: int | None = None, hnsw_m: int = 32) -> tuple[Any, dict[str, Any]]:
     """An inner-product FAISS index holding ``vectors`` (n, d) float32, and a description of it."""
     import faiss
 
-    if kind not in KINDS:
-        raise UnialignError(f"unknown index kind {kind!r}; choose one of {list(KINDS)}")
+    _check_kind(kind)
     n, d = vectors.shape
     if kind == "auto":
         kind = "flat" if n < threshold else "hnsw"
@@ -119,6 +123,7 @@ def build_index(model: Any, images: str | Any, out: str | Path, *, kind: str = "
     from ..features.extract import extract
     from ..model import AlignedModel
 
+    _check_kind(kind)  # before the expensive part: loading the model and extracting every image
     log = log or (lambda *_: None)
     model_dir = None
     if not isinstance(model, AlignedModel):
@@ -137,12 +142,10 @@ def build_index(model: Any, images: str | Any, out: str | Path, *, kind: str = "
 
     fstore = extract(ds, model.image_encoder, store, layers=model.image_layers, batch_size=batch_size,
                      num_workers=num_workers, show_progress=show_progress)
-    feats = np.concatenate([fstore.array(l).numpy(np.float32) for l in model.image_layers], axis=1) \
-        if len(fstore) else np.zeros((0, sum(model.image_encoder.layer_dims[l] for l in model.image_layers)), np.float32)
-    vectors = model.project_image_features(feats).numpy().astype(np.float32) if len(feats) else None
-    if vectors is None or vectors.size == 0:
+    if not len(fstore):
         raise IndexError_(f"{spec}: no image could be encoded ({len(fstore.skipped)} skipped; see {fstore.root}/manifest.json)")
-    vectors = np.ascontiguousarray(vectors)
+    feats = np.concatenate([fstore.array(l).numpy(np.float32) for l in model.image_layers], axis=1)
+    vectors = np.ascontiguousarray(model.project_image_features(feats).numpy().astype(np.float32))
     index, info = make_faiss_index(vectors, kind, threshold)
 
     rows = fstore.index
@@ -224,9 +227,6 @@ class Hit:
     style: str
     caption: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 class ImageIndex:
     """A loaded index folder: ``search(vectors, k)`` -> ranked hits with their metadata."""
@@ -270,10 +270,8 @@ class ImageIndex:
         if m.get("image_encoder") and m["image_encoder"] != model.image_encoder.spec:
             raise IndexError_(f"{self.root} was built with image encoder {m['image_encoder']!r}, the model uses "
                               f"{model.image_encoder.spec!r}; rebuild the index with this model")
-        probe = model.project_text_features(np.zeros((1, sum(model.text_encoder.layer_dims[l] for l in model.text_layers)),
-                                                     np.float32))
-        if probe.shape[1] != self.dim:
-            raise IndexError_(f"{self.root} holds {self.dim}-d vectors, the model embeds into {probe.shape[1]}-d")
+        if model.embedding_dim != self.dim:
+            raise IndexError_(f"{self.root} holds {self.dim}-d vectors, the model embeds into {model.embedding_dim}-d")
 
     def path(self, row: int) -> str:
         return str(self.meta["path"][row])
