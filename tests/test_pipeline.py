@@ -64,3 +64,14 @@ def test_cli_help_and_bad_options():
     assert bad.returncode == 1 and "recipe" in bad.stderr and "'nope'" in bad.stderr and "asif" in bad.stderr
     usage = subprocess.run([sys.executable, "-m", "unialign", "extract"], capture_output=True, text=True)
     assert usage.returncode == 2
+
+
+def test_fashion_mnist_eval_set_is_the_balanced_limit():
+    """`unialign run` and `unialign report` score the same Fashion-MNIST images (report used to take all 10k)."""
+    from unialign.pipeline import fashion_mnist_eval_set
+
+    sub = fashion_mnist_eval_set(load_config(overrides={"eval.fashion_mnist_limit": 50}))
+    assert len(sub) == 50 and sorted(set(sub.concepts())) == sorted(set(sub.column("concept")))
+    counts = np.unique(sub.column("concept"), return_counts=True)[1]
+    assert len(counts) == 10 and set(counts) == {5}
+    assert len(fashion_mnist_eval_set(load_config(overrides={"eval.fashion_mnist_limit": None}))) == 10000

@@ -296,3 +296,15 @@ def test_without_index_search_says_so(built: dict) -> None:
         assert c.get("/health").json()["index"] is None
         assert "without an image index" in error_of(c.get("/search", params={"q": "x"}), 404)
         assert c.post("/embed/text", json=["still works"]).status_code == 200
+
+
+def test_lru_peek_counts_as_a_use():
+    """A class row read through ``peek`` on every request must not be evicted as if unused."""
+    from unialign.serve.app import _LRU
+
+    cache = _LRU(2)
+    cache.get("hot", lambda: 1)
+    cache.get("a", lambda: 2)
+    assert cache.peek("hot") == 1 and cache.peek("missing") is None
+    cache.get("b", lambda: 3)  # evicts the least recently used: "a", not "hot"
+    assert cache.peek("hot") == 1 and cache.peek("a") is None

@@ -251,17 +251,26 @@ def evaluate_model(model: AlignedModel, cfg: RunConfig, cached: Cached, splits: 
     """The default protocol: held-out concepts (in held-out styles), plus Fashion-MNIST zero-shot."""
     name = cfg.name
     ks = cfg.eval.retrieval_ks
-    test_styles = split_styles(cached.dataset, cfg)[1]
-    tag = f"{cached.dataset.name}-test" + (f"-{'+'.join(test_styles)}" if test_styles else "")
-    records = evaluate_split(model, cached, splits.test, tag, get_templates(cfg.eval.templates), ks, name, cfg.output)
+    records = evaluate_split(model, cached, splits.test, test_tag(cached.dataset, cfg), get_templates(cfg.eval.templates),
+                             ks, name, cfg.output)
     if cfg.eval.fashion_mnist:
-        fm = build_fashion_mnist("test")
-        if cfg.eval.fashion_mnist_limit:
-            fm = balanced_subset(fm, cfg.eval.fashion_mnist_limit, seed=0)
+        fm = fashion_mnist_eval_set(cfg)
         fcached = cache_features(fm, model.image_encoder, None, cfg, log)
         records += evaluate_split(model, fcached, np.arange(len(fm)), "fashion-mnist", get_templates(cfg.eval.fashion_templates),
                                   ks, name, cfg.output)
     return records
+
+
+def test_tag(ds: PairDataset, cfg: RunConfig) -> str:
+    """The dataset name of the test records, e.g. ``emoji-test-apple``."""
+    test_styles = split_styles(ds, cfg)[1]
+    return f"{ds.name}-test" + (f"-{'+'.join(test_styles)}" if test_styles else "")
+
+
+def fashion_mnist_eval_set(cfg: RunConfig) -> PairDataset:
+    """The Fashion-MNIST test images the protocol scores: all 10k, or the balanced ``eval.fashion_mnist_limit``."""
+    fm = build_fashion_mnist("test")
+    return balanced_subset(fm, cfg.eval.fashion_mnist_limit, seed=0) if cfg.eval.fashion_mnist_limit else fm
 
 
 def balanced_subset(ds: PairDataset, n: int, seed: int = 0) -> PairDataset:

@@ -345,8 +345,8 @@ def report(run_dir: str | Path, out: str | Path | None = None, n_queries: int = 
 
     # 2. model, data, cached features (the same stores the run used; extraction is a no-op when cached)
     step("model + features")
-    from .data import build_fashion_mnist, load_dataset
-    from .pipeline import cache_features, make_splits, split_styles
+    from .data import load_dataset
+    from .pipeline import cache_features, fashion_mnist_eval_set, make_splits, test_tag
 
     model = AlignedModel.load(run_dir / "model", device=cfg.device)
     cfg.encoders.image_layers, cfg.encoders.text_layers = model.image_layers, model.text_layers
@@ -354,8 +354,7 @@ def report(run_dir: str | Path, out: str | Path | None = None, n_queries: int = 
     ds = load_dataset(cfg.data.dataset)
     cached = cache_features(ds, model.image_encoder, None, cfg, quiet)
     splits = make_splits(ds, cfg)
-    test_styles = split_styles(ds, cfg)[1]
-    tag = f"{ds.name}-test" + (f"-{'+'.join(test_styles)}" if test_styles else "")
+    tag = test_tag(ds, cfg)
     bar.update()
 
     # 3. per-class zero-shot
@@ -367,7 +366,7 @@ def report(run_dir: str | Path, out: str | Path | None = None, n_queries: int = 
     for name, c, idx, templates in evals:
         step(f"zero-shot {name}")
         if c is None:
-            fm = build_fashion_mnist("test")
+            fm = fashion_mnist_eval_set(cfg)  # the same images the run scored (a limit applies here too)
             c, idx = cache_features(fm, model.image_encoder, None, cfg, quiet), np.arange(len(fm))
         zs = zero_shot_predictions(model, c, idx, name, get_templates(templates))
         rec = saved.get((name, "zeroshot_classification"))

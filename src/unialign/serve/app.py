@@ -107,7 +107,10 @@ class _LRU:
         self.size, self.data, self.lock = size, OrderedDict(), threading.Lock()
 
     def peek(self, key: Any) -> Any:
+        """The cached value or None, without computing it; a hit counts as a use."""
         with self.lock:
+            if key in self.data:
+                self.data.move_to_end(key)
             return self.data.get(key)
 
     def get(self, key: Any, make: Callable[[], Any]) -> Any:
