@@ -1,28 +1,25 @@
-"""unialign: align frozen unimodal encoders into one CLIP-style multimodal model.
+"""unialign: turn frozen unimodal encoders into one multimodal, CLIP-style model.
 
-The public API mirrors the pipeline: data -> encoders -> features -> align -> evaluate -> model.
-Heavy modules are imported lazily so ``import unialign`` stays fast.
+This package is the lean inference core: a saved :class:`AlignedModel`, the encoders it wraps, its
+projections, the zero-shot classifier and search. It needs torch, numpy, safetensors and the encoders'
+own packages; training, the pipeline and the feature store live in ``unialign_train``
+(``pip install unialign[train]``), the command line in ``unialign_cli`` and the server in
+``unialign_serve``. Names are imported lazily so ``import unialign`` stays fast.
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "AlignedModel": "unialign.model",
     "load_encoder": "unialign.encoders",
-    "load_dataset": "unialign.data",
-    "PairDataset": "unialign.data.base",
-    "extract": "unialign.features.extract",
-    "FeatureStore": "unialign.features.store",
-    "train": "unialign.align.train",
-    "TrainConfig": "unialign.align.train",
-    "RECIPES": "unialign.align.recipes",
-    "load_config": "unialign.config",
-    "run": "unialign.pipeline",
-    "create_model_and_transforms": "unialign.interop",
+    "create_model_and_transforms": "unialign.openclip",
+    "zero_shot_classifier": "unialign.zeroshot",
+    "get_templates": "unialign.zeroshot",
+    "TEMPLATES": "unialign.zeroshot",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -13,10 +13,11 @@ class DataError(UnialignError):
 class ImageLoadError(DataError):
     """One image could not be read; ``path`` names it, ``reason`` says why."""
 
-    def __init__(self, path: str, reason: str):
+    def __init__(self, path: str, reason: str, too_large: bool = False):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+        self.too_large = too_large
 
 
 class StoreError(UnialignError):

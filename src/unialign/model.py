@@ -1,257 +1,311 @@
-"""AlignedModel: two frozen encoders + a trained (or closed-form) projection into one shared space.
+"""AlignedModel: frozen unimodal encoders + one projection each into one shared space.
 
-Save folder (explains itself)::
+It is an ``nn.Module`` (``.to()``, ``.eval()``, ``.parameters()``, ``state_dict()``) with two front
+ends that users already know:
 
-    config.json            encoders (spec, version, layers), projection kind and hyper-parameters
-    projection.safetensors head weights, or the closed-form map's arrays
-    results.json           evaluation results, if any
-    README.md              model card: what it is, how to load it, its evaluation table
+- sentence-transformers' ``encode(inputs, batch_size=32, show_progress_bar=None, convert_to_numpy=True,
+  convert_to_tensor=False, normalize_embeddings=False, device=None)``: raw inputs of any modality
+  (strings, image paths or PIL images, vectors, ...), every keyword doing exactly what it says; a single
+  input returns a 1-D vector;
+- open_clip's ``encode_image(pixels, normalize=False)`` / ``encode_text(text, normalize=False)``,
+  ``forward(image, text) -> (image_features, text_features, logit_scale.exp())`` and ``logit_scale``
+  holding the *log* of the scale.
 
-Loading needs only this module and the encoders, no training code.
+Save folder (``save_pretrained`` / ``from_pretrained``, as in transformers)::
+
+    config.json          format, per modality: encoder (spec, version, dim), layers, projection config;
+                         the log logit scale, the weights' checksum, how the model was made (info)
+    model.safetensors    projection weights and buffers (the encoders are rebuilt from their specs)
+    README.md            model card: what it is, how to load it, its evaluation table
+    results/             evaluation records in CLIP_benchmark format, when evaluated
+
+Loading needs only this package (torch, numpy, safetensors) and the encoders' own packages.
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
+import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from torch import nn
 
-from .align.heads import HeadPair
 from .device import pick_device
 from .encoders import load_encoder
 from .encoders.base import FINAL, Encoder
-from .errors import UnialignError
-from .evaluate.templates import get_templates
-from .io import atomic_path, read_json, sha256_file, write_json, write_text
+from .errors import ConfigError, UnialignError
+from .io import read_json, sha256_file, write_json, write_text, atomic_path
+from .projections import build_projection, projection_config
+from .zeroshot import get_templates, zero_shot_classifier
 
-FORMAT = "unialign-model/1"
-
-
-class ClosedFormProjection:
-    """Adapter giving a closed-form aligner (ASIF, Procrustes, ...) the projection interface."""
-
-    def __init__(self, aligner: Any):
-        self.aligner = aligner
-
-    def project_image(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(self.aligner.transform_image(x.detach().cpu().float().numpy()))
-
-    def project_text(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(self.aligner.transform_text(x.detach().cpu().float().numpy()))
+FORMAT = "unialign-model/2"
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def make_projection(kind: str, config: dict[str, Any], state: dict[str, torch.Tensor]) -> Any:
-    if kind == "heads":
-        heads = HeadPair.from_config(config)
-        heads.load_state_dict(state)
-        return heads.eval()
-    if kind == "closed_form":
-        from .align.closed_form import closed_form_from_state
+class AlignedModel(nn.Module):
+    """Encode any of its modalities into one space; classify zero-shot; compare; save and load."""
 
-        return ClosedFormProjection(closed_form_from_state(config["name"], config["params"], state))
-    raise UnialignError(f"unknown projection kind {kind!r} in model config")
-
-
-class AlignedModel:
-    """Encode images and texts into one space; classify zero-shot; compare; save and load."""
-
-    def __init__(self, image_encoder: Encoder, text_encoder: Encoder, projection: Any,
-                 image_layers: Sequence[str] = (FINAL,), text_layers: Sequence[str] = (FINAL,),
-                 logit_scale: float = 100.0, info: dict[str, Any] | None = None):
-        self.image_encoder, self.text_encoder = image_encoder, text_encoder
-        self.projection = projection
-        self.image_layers, self.text_layers = list(image_layers), list(text_layers)
-        self.logit_scale = float(logit_scale)
+    def __init__(self, encoders: Mapping[str, Encoder], projections: Mapping[str, nn.Module],
+                 layers: Mapping[str, Sequence[str]] | None = None, logit_scale: float = 100.0,
+                 info: dict[str, Any] | None = None):
+        super().__init__()
+        if set(encoders) != set(projections) or not encoders:
+            raise UnialignError(f"encoders {sorted(encoders)} and projections {sorted(projections)} must name the "
+                                "same (non-empty) set of modalities")
+        self.encoders = nn.ModuleDict(dict(encoders))
+        self.projections = nn.ModuleDict(dict(projections))
+        self.layers = {m: list((layers or {}).get(m, [FINAL])) for m in encoders}
+        for m, enc in self.encoders.items():
+            width = enc.width(self.layers[m])
+            need = getattr(self.projections[m], "in_dim", width)
+            if need != width:
+                raise UnialignError(f"the {m} projection takes {need}-d features; {enc.spec} layers "
+                                    f"{self.layers[m]} give {width}-d")
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(float(logit_scale))), requires_grad=False)
         self.info = dict(info or {})
-        self.device = image_encoder.device
-        if isinstance(projection, torch.nn.Module):
-            projection.to(self.device).eval()
+        self.to(next(iter(self.encoders.values())).device)
 
-    @functools.cached_property
+    # -- what it holds ------------------------------------------------------------------------------
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.encoders)
+
+    @property
+    def image_encoder(self) -> Encoder:
+        return self._encoder("image")
+
+    @property
+    def text_encoder(self) -> Encoder:
+        return self._encoder("text")
+
+    def _encoder(self, modality: str) -> Encoder:
+        if modality not in self.encoders:
+            raise UnialignError(f"this model has no {modality} side; its modalities are {self.modalities}")
+        return self.encoders[modality]
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    @property
     def embedding_dim(self) -> int:
-        """Width of the shared space, found by projecting one zero text-feature row (heads and
-        closed-form maps alike, without knowing how either computes its output)."""
-        width = sum(self.text_encoder.layer_dims[l] for l in self.text_layers)
-        return int(self.project_text_features(np.zeros((1, width), np.float32)).shape[1])
+        """Width of the shared space."""
+        m = self.modalities[0]
+        return int(self.project(m, torch.zeros(1, self.encoders[m].width(self.layers[m])), normalize=False).shape[1])
 
-    # -- features -> shared space ---------------------------------------------------------------
+    # -- features -> shared space -------------------------------------------------------------------
     @torch.inference_mode()
-    def project_image_features(self, feats: np.ndarray | torch.Tensor, batch_size: int = 65536) -> torch.Tensor:
-        """Cached image features (concatenated layers) -> normalised shared-space embeddings."""
-        return self._project(self.projection.project_image, feats, batch_size)
-
-    @torch.inference_mode()
-    def project_text_features(self, feats: np.ndarray | torch.Tensor, batch_size: int = 65536) -> torch.Tensor:
-        return self._project(self.projection.project_text, feats, batch_size)
-
-    def _project(self, fn: Any, feats: np.ndarray | torch.Tensor, batch_size: int) -> torch.Tensor:
-        x = torch.as_tensor(np.asarray(feats, dtype=np.float32) if not isinstance(feats, torch.Tensor) else feats)
-        # heads run on the encoders' device; closed-form maps are numpy, so their input stays on the CPU
-        device = self.device if isinstance(self.projection, torch.nn.Module) else "cpu"
-        outs = [F.normalize(fn(x[s : s + batch_size].to(device).float()).float(), dim=-1).cpu()
-                for s in range(0, len(x), batch_size)]
+    def project(self, modality: str, features: Any, normalize: bool = True, batch_size: int = 65536) -> torch.Tensor:
+        """Raw encoder features of ``modality`` (its layers concatenated, e.g. rows of a feature store)
+        -> shared-space embeddings on the CPU, L2-normalised unless ``normalize=False``."""
+        self._encoder(modality)
+        proj = self.projections[modality]
+        x = features if isinstance(features, torch.Tensor) else torch.from_numpy(np.asarray(features, dtype=np.float32))
+        outs = []
+        for s in range(0, len(x), batch_size):
+            z = proj(x[s : s + batch_size].to(self.device).float()).float()
+            outs.append((F.normalize(z, dim=-1) if normalize else z).cpu())
         return torch.cat(outs) if outs else torch.zeros(0, 0)
 
-    # -- raw inputs -> shared space -------------------------------------------------------------
-    def encode_image(self, images: Sequence[Any], batch_size: int = 32, show_progress_bar: bool | None = None,
-                     convert_to_numpy: bool = True, normalize_embeddings: bool = True) -> np.ndarray | torch.Tensor:
-        """PIL images, paths or preprocessed tensors -> embeddings (normalised by default)."""
-        feats = self.image_encoder.encode(list(images), batch_size=batch_size, show_progress_bar=show_progress_bar,
-                                          convert_to_numpy=False, layers=self.image_layers)
-        return self._finish(self.project_image_features(feats), convert_to_numpy, normalize_embeddings)
-
-    def encode_text(self, texts: str | Sequence[str], batch_size: int = 32, show_progress_bar: bool | None = None,
-                    convert_to_numpy: bool = True, normalize_embeddings: bool = True) -> np.ndarray | torch.Tensor:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        feats = self.text_encoder.encode(texts, batch_size=batch_size, show_progress_bar=show_progress_bar,
-                                         convert_to_numpy=False, layers=self.text_layers)
-        return self._finish(self.project_text_features(feats), convert_to_numpy, normalize_embeddings)
-
-    @staticmethod
-    def _finish(emb: torch.Tensor, convert_to_numpy: bool, normalize: bool) -> np.ndarray | torch.Tensor:
-        # embeddings come out of _project normalised; "unnormalised" keeps that (heads' raw norm is meaningless)
+    # -- raw inputs -> shared space (sentence-transformers) -----------------------------------------
+    def encode(self, inputs: Any, modality: str | None = None, batch_size: int = 32,
+               show_progress_bar: bool | None = None, convert_to_numpy: bool = True, convert_to_tensor: bool = False,
+               normalize_embeddings: bool = False, device: str | torch.device | None = None) -> np.ndarray | torch.Tensor:
+        """Embed raw inputs of one modality (inferred from the first input when not given: strings are
+        text, PIL images and image paths (``pathlib.Path``) images). A single input gives a 1-D result.
+        ``convert_to_tensor`` returns a torch tensor (on ``device`` if given) and wins over
+        ``convert_to_numpy``; ``normalize_embeddings`` L2-normalises, so dot products are cosines."""
+        single = _is_single(inputs, modality)
+        items = [inputs] if single else list(inputs)
+        m = modality or self.infer_modality(items[0] if items else "")
+        enc = self._encoder(m)
+        feats = enc.encode(items, batch_size=batch_size, show_progress_bar=show_progress_bar, convert_to_numpy=False,
+                           layers=self.layers[m])
+        emb = self.project(m, feats, normalize=normalize_embeddings)
+        if single:
+            emb = emb[0]
+        if convert_to_tensor:
+            return emb.to(pick_device(device)) if device is not None else emb
         return emb.numpy() if convert_to_numpy else emb
 
+    def infer_modality(self, item: Any) -> str:
+        """The modality of one raw input, for ``encode`` without ``modality``."""
+        if isinstance(item, str):
+            guess = "text"
+        elif hasattr(item, "getpixel") or (isinstance(item, os.PathLike) and Path(item).suffix.lower() in IMAGE_SUFFIXES):
+            guess = "image"
+        else:
+            others = [m for m in self.modalities if m != "text"]
+            if len(others) != 1:
+                raise UnialignError(f"cannot tell the modality of a {type(item).__name__}; pass modality= "
+                                    f"(one of {self.modalities})")
+            guess = others[0]
+        if guess not in self.encoders:
+            raise UnialignError(f"a {type(item).__name__} looks like {guess}, which this model does not take; pass "
+                                f"modality= (one of {self.modalities})")
+        return guess
+
+    # -- open_clip ----------------------------------------------------------------------------------
+    def encode_image(self, image: Any, normalize: bool = False) -> torch.Tensor:
+        """open_clip: preprocessed pixels (B, C, H, W) (or a list of PIL images / paths) -> (B, d)."""
+        return self._encode_batch("image", image, normalize)
+
+    def encode_text(self, text: Any, normalize: bool = False) -> torch.Tensor:
+        """open_clip: the tokenizer's output for a batch of texts (or a list of strings) -> (B, d)."""
+        return self._encode_batch("text", text, normalize)
+
+    def _encode_batch(self, modality: str, batch: Any, normalize: bool) -> torch.Tensor:
+        enc = self._encoder(modality)
+        batch = batch if isinstance(batch, torch.Tensor) else enc.collate([batch] if isinstance(batch, str) else list(batch))
+        feats = enc.features(batch, self.layers[modality])
+        return self.project(modality, feats, normalize=normalize).to(self.device)
+
+    def forward(self, image: Any = None, text: Any = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """open_clip's ``CLIP.forward``: normalised features of each given side and the logit scale."""
+        img = self.encode_image(image, normalize=True) if image is not None else None
+        txt = self.encode_text(text, normalize=True) if text is not None else None
+        return img, txt, self.logit_scale.exp()
+
+    # -- zero-shot ------------------------------------------------------------------------------------
     def class_embeddings(self, labels: Sequence[str], templates: str | Sequence[str] = "plain",
                          batch_size: int = 256) -> torch.Tensor:
-        """Zero-shot classifier weights: each label through every template, averaged, renormalised."""
-        temps = get_templates(templates if isinstance(templates, str) else list(templates))
-        prompts = [t.format(l) for l in labels for t in temps]
-        emb = self.encode_text(prompts, batch_size=batch_size, convert_to_numpy=False)
-        return F.normalize(emb.view(len(labels), len(temps), -1).mean(1), dim=-1)
+        """Zero-shot classifier weights (labels, d): :func:`unialign.zeroshot.zero_shot_classifier` over
+        this model's text side."""
+        return zero_shot_classifier(lambda p: self.encode(p, "text", batch_size=batch_size, convert_to_tensor=True),
+                                    labels, get_templates(templates))
 
-    def classify(self, images: Sequence[Any], labels: Sequence[str], templates: str | Sequence[str] = "plain",
-                 batch_size: int = 32) -> list[list[tuple[str, float]]]:
-        """For each image, all labels ranked by probability (softmax over the learned logit scale)."""
+    def classify(self, inputs: Sequence[Any], labels: Sequence[str], templates: str | Sequence[str] = "plain",
+                 modality: str | None = None, batch_size: int = 32) -> list[list[tuple[str, float]]]:
+        """For each input, every label ranked by probability (softmax at the model's logit scale)."""
         if not labels:
             raise UnialignError("classify needs at least one label")
         weights = self.class_embeddings(labels, templates)
-        img = self.encode_image(images, batch_size=batch_size, convert_to_numpy=False)
-        probs = (self.logit_scale * img @ weights.T).softmax(-1)
-        ranked = []
-        for row in probs:
-            order = torch.argsort(row, descending=True).tolist()
-            ranked.append([(labels[j], float(row[j])) for j in order])
-        return ranked
+        emb = self.encode(list(inputs), modality, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
+        probs = (self.logit_scale.exp().cpu() * emb.cpu() @ weights.T).softmax(-1)
+        return [[(labels[j], float(row[j])) for j in torch.argsort(row, descending=True).tolist()] for row in probs]
 
     @staticmethod
-    def similarity(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def similarity(a: Any, b: Any) -> torch.Tensor:
         """Cosine similarity matrix between two sets of embeddings."""
-        a, b = torch.as_tensor(np.asarray(a)).float(), torch.as_tensor(np.asarray(b)).float()
-        return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+        a, b = (torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float() for x in (a, b))
+        return F.normalize(torch.atleast_2d(a), dim=-1) @ F.normalize(torch.atleast_2d(b), dim=-1).T
 
-    # -- persistence ------------------------------------------------------------------------------
-    def _projection_payload(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        if isinstance(self.projection, HeadPair):
-            state = {k: v.detach().cpu().contiguous() for k, v in self.projection.state_dict().items()}
-            return {"kind": "heads", "config": self.projection.config()}, state
-        if isinstance(self.projection, ClosedFormProjection):
-            al = self.projection.aligner
-            state = {k: torch.as_tensor(np.ascontiguousarray(v)) for k, v in al.state_dict().items()}
-            return {"kind": "closed_form", "config": {"name": al.name, "params": al.config()}}, state
-        raise UnialignError(f"cannot save projection of type {type(self.projection).__name__}")
-
-    def save(self, folder: str | Path, results: dict[str, Any] | None = None) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        proj_cfg, state = self._projection_payload()
-        with atomic_path(folder / "projection.safetensors") as tmp:
-            save_file(state, str(tmp), metadata={"format": FORMAT})
-        config = {
+    # -- persistence ----------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        return {
             "format": FORMAT,
-            "image_encoder": {**self.image_encoder.config(), "layers": self.image_layers},
-            "text_encoder": {**self.text_encoder.config(), "layers": self.text_layers},
-            "projection": proj_cfg,
-            "projection_sha256": sha256_file(folder / "projection.safetensors"),  # verified on load
-            "logit_scale": self.logit_scale,
+            "modalities": {m: {"encoder": self.encoders[m].config(), "layers": self.layers[m],
+                               "projection": projection_config(self.projections[m])} for m in self.modalities},
+            "logit_scale": float(self.logit_scale.item()),
             "info": self.info,
         }
-        write_json(folder / "config.json", config)
+
+    def save_pretrained(self, folder: str | os.PathLike, results: Sequence[dict[str, Any]] | None = None) -> Path:
+        """Write the model folder (see the module doc); ``results``: evaluation records to keep beside it."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("encoders.")}
+        with atomic_path(folder / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": FORMAT})
+        config = {**self.config(), "weights_sha256": sha256_file(folder / WEIGHTS_NAME)}
+        write_json(folder / CONFIG_NAME, config)
         if results is not None:
-            write_json(folder / "results.json", results)
+            from .results import write_results  # lean: only for evaluated models
+
+            write_results(folder / "results", results)
         write_text(folder / "README.md", model_card(config, results))
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, device: str | None = None) -> "AlignedModel":
+    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device | None = None) -> "AlignedModel":
+        """Load a folder written by :meth:`save_pretrained`; every problem is one clear error."""
+        from safetensors.torch import load_file
+
         folder = Path(folder)
-        cfg_path = folder / "config.json"
+        cfg_path = folder / CONFIG_NAME
         if not cfg_path.exists():
-            raise UnialignError(f"{folder} is not a saved unialign model (no config.json)")
+            raise UnialignError(f"{folder} is not a saved unialign model (no {CONFIG_NAME})")
         try:
             cfg = read_json(cfg_path)
         except ValueError as e:
             raise UnialignError(f"{cfg_path}: not valid JSON ({e}); the model folder is corrupt") from None
-        if cfg.get("format") != FORMAT:
-            raise UnialignError(f"{folder}: unsupported model format {cfg.get('format')!r} (expected {FORMAT})")
+        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+            got = cfg.get("format") if isinstance(cfg, dict) else None
+            raise UnialignError(f"{folder}: unsupported model format {got!r} (expected {FORMAT})")
+        weights = folder / WEIGHTS_NAME
+        if not weights.exists():
+            raise UnialignError(f"{folder}: {WEIGHTS_NAME} is missing; the model folder is incomplete")
+        if cfg.get("weights_sha256") and sha256_file(weights) != cfg["weights_sha256"]:
+            raise UnialignError(f"{folder}: checksum mismatch in {WEIGHTS_NAME} (file changed or corrupt)")
         dev = pick_device(device)
-        encoders = []
-        for key in ("image_encoder", "text_encoder"):
-            ecfg = cfg[key]
-            enc = load_encoder(ecfg["spec"], device=dev)
+        encoders, projections, layers = {}, {}, {}
+        for m, part in cfg["modalities"].items():
+            ecfg = part["encoder"]
+            try:
+                enc = load_encoder(ecfg["spec"], device=dev)
+            except ConfigError as e:
+                raise UnialignError(f"{folder}: cannot load the {m} encoder: {e}") from None
             if enc.version != ecfg.get("version"):
-                warnings.warn(f"{folder}: {key} {ecfg['spec']} has version {enc.version}, the model was trained on "
-                              f"{ecfg.get('version')}; embeddings may not match", stacklevel=2)
-            enc.check_layers(ecfg.get("layers", [FINAL]))
+                warnings.warn(f"{folder}: {m} encoder {ecfg['spec']} has version {enc.version}, the model was trained "
+                              f"on {ecfg.get('version')}; embeddings may not match", stacklevel=2)
             if ecfg.get("dim") is not None and enc.dim != ecfg["dim"]:
-                raise UnialignError(f"{folder}: {key} {ecfg['spec']} gives {enc.dim}-d features, the model was "
-                                    f"trained on {ecfg['dim']}-d ones; load it with the encoder it was trained with")
-            encoders.append(enc)
-        proj_path = folder / "projection.safetensors"
-        if not proj_path.exists():
-            raise UnialignError(f"{folder}: projection.safetensors is missing; the model folder is incomplete")
-        if cfg.get("projection_sha256") and sha256_file(proj_path) != cfg["projection_sha256"]:
-            raise UnialignError(f"{folder}: checksum mismatch in projection.safetensors (file changed or corrupt)")
+                raise UnialignError(f"{folder}: {m} encoder {ecfg['spec']} gives {enc.dim}-d features, the model "
+                                    f"was trained on {ecfg['dim']}-d ones; load it with the encoder it was trained with")
+            encoders[m], layers[m] = enc, part.get("layers", [FINAL])
+            projections[m] = build_projection(part["projection"])
+        model = cls(encoders, projections, layers, info=cfg.get("info"))
         try:
-            state = load_file(str(proj_path))
-            projection = make_projection(cfg["projection"]["kind"], cfg["projection"]["config"], state)
-        except UnialignError:
-            raise
-        except Exception as e:  # safetensors / torch errors: a corrupt file or one of another model
-            reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
-            raise UnialignError(f"{folder}: projection.safetensors does not match config.json ({reason})") from None
-        if isinstance(projection, HeadPair):
-            for tower, enc, key in ((projection.image, encoders[0], "image_encoder"), (projection.text, encoders[1], "text_encoder")):
-                need = sum(enc.layer_dims[l] for l in cfg[key].get("layers", [FINAL]))
-                if tower.in_dim != need:
-                    raise UnialignError(f"{folder}: the {key.split('_')[0]} head expects {tower.in_dim}-d features, "
-                                        f"{cfg[key]['spec']} gives {need}-d")
-        return cls(encoders[0], encoders[1], projection, cfg["image_encoder"].get("layers", [FINAL]),
-                   cfg["text_encoder"].get("layers", [FINAL]), cfg.get("logit_scale", 100.0), cfg.get("info"))
+            state = load_file(str(weights))
+        except Exception as e:  # safetensors raises its own error types for a damaged file
+            raise UnialignError(f"{folder}: {WEIGHTS_NAME} is not readable ({_last_line(e)})") from None
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("encoders.")]
+        if missing or unexpected:
+            raise UnialignError(f"{folder}: {WEIGHTS_NAME} does not match {CONFIG_NAME} (missing {missing[:3]}, "
+                                f"unexpected {unexpected[:3]})")
+        return model.to(dev).eval()
 
 
-def model_card(config: dict[str, Any], results: dict[str, Any] | None) -> str:
+def _is_single(inputs: Any, modality: str | None) -> bool:
+    """One raw input rather than a batch: a string, a path, a PIL image, a 1-D vector, a CHW tensor."""
+    if isinstance(inputs, (str, bytes, os.PathLike)) or hasattr(inputs, "getpixel"):
+        return True
+    if isinstance(inputs, (np.ndarray, torch.Tensor)):
+        return inputs.ndim == (3 if modality == "image" else 1)
+    return False
+
+
+def _last_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1][:200] if text else type(e).__name__
+
+
+def model_card(config: dict[str, Any], results: Sequence[dict[str, Any]] | None) -> str:
     """A short README for the save folder."""
-    from .evaluate.report import markdown_table
-
-    proj = config["projection"]
-    lines = [
-        "# unialign aligned model",
-        "",
-        "Two frozen unimodal encoders joined by a learned projection into one shared embedding space (CLIP-style).",
-        "",
-        f"- image encoder: `{config['image_encoder']['spec']}` (version {config['image_encoder'].get('version')}, "
-        f"layers {config['image_encoder']['layers']})",
-        f"- text encoder: `{config['text_encoder']['spec']}` (version {config['text_encoder'].get('version')}, "
-        f"layers {config['text_encoder']['layers']})",
-        f"- projection: {proj['kind']} `{json.dumps(proj['config'], sort_keys=True)[:300]}`",
-        "",
-        "```python",
-        "from unialign import AlignedModel",
-        "model = AlignedModel.load('.')",
-        "img = model.encode_image(['cat.png'])",
-        "txt = model.encode_text(['a cat'])",
-        "print(model.similarity(img, txt))",
-        "```",
-        "",
-    ]
+    lines = ["# unialign aligned model", "",
+             "Frozen unimodal encoders joined by projections into one shared embedding space (CLIP-style).", ""]
+    for m, part in config["modalities"].items():
+        e = part["encoder"]
+        lines.append(f"- {m}: encoder `{e['spec']}` (version {e.get('version')}, layers {part['layers']}), projection "
+                     f"`{json.dumps(part['projection'], sort_keys=True)[:200]}`")
+    example = {"image": "['cat.png']", "text": "['a cat']"}
+    lines += ["", "```python", "from unialign import AlignedModel", "model = AlignedModel.from_pretrained('.')"]
+    lines += [f"{m} = model.encode({example.get(m, '[...]')}, modality={m!r}, normalize_embeddings=True)"
+              for m in config["modalities"]]
+    lines += ["print(model.similarity(" + ", ".join(list(config["modalities"])[:2]) + "))", "```", ""]
     if results:
+        from .results import markdown_table
+
         lines += ["## Evaluation", "", markdown_table(results), ""]
     return "\n".join(lines)
+
+
+__all__ = ["AlignedModel", "CONFIG_NAME", "FORMAT", "WEIGHTS_NAME", "model_card"]

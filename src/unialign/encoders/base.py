@@ -1,53 +1,63 @@
-"""One small interface for every frozen encoder, image or text.
+"""One small interface for every frozen encoder, of any modality.
 
-An encoder turns a batch into a dict of pooled feature tensors: ``"final"`` is the embedding the
-encoder is known for; other keys (``"layer3"``, ``"block7"``) are per-layer pooled outputs, returned
-only when asked for, so that layer selection and layer mixing can read them from the store.
+An encoder is an ``nn.Module`` whose ``forward(batch, layers)`` returns a dict of pooled feature
+tensors: ``"final"`` is the embedding the encoder is known for; other keys (``"layer3"``, ``"block7"``)
+are per-layer pooled outputs, returned only when asked for, so that layer selection and layer mixing
+can read them from the store. Being a module, it moves with ``.to(device)`` and shows its weights in
+``.parameters()`` like any other part of an aligned model; it is built frozen (eval mode, no grads).
 
-Image encoders split the work in two on purpose: :meth:`Encoder.preprocess` (PIL image -> tensor) is a
-plain picklable callable that runs in DataLoader worker processes, and :meth:`Encoder.forward` runs
-the model on stacked tensors in the main process, so decoding never stalls the model.
+What a batch is depends on the modality, and the split of work is the same for all:
+:meth:`Encoder.loader` returns a plain picklable callable ``item -> tensor`` (an image path or PIL
+image -> a normalised CHW tensor) that runs in DataLoader worker processes, and ``forward`` runs the
+model on the stacked tensors in the main process, so decoding never stalls the model. Text encoders
+have no loader: their batches are lists of strings, tokenised inside ``forward``.
 """
 from __future__ import annotations
 
 import hashlib
-from abc import ABC, abstractmethod
+import os
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..device import autocast, pick_device
+from ..errors import ConfigError
+from ..progress import progress
 
-Modality = Literal["image", "text"]
 FINAL = "final"
+MODALITIES = ("image", "text", "audio", "video", "vector")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class Encoder(ABC):
-    """Frozen encoder. Subclasses set ``spec``, ``modality``, ``dim``, ``layer_dims`` and ``version``."""
+class Encoder(torch.nn.Module):
+    """Frozen encoder. Subclasses set ``spec``, ``modality``, ``dim``, ``layer_dims`` and ``version``
+    and implement ``forward``; those taking tensors (images, audio, video) also implement ``loader``."""
 
     spec: str  # the string that names it, e.g. "effnet-lite0", "st:all-MiniLM-L6-v2", "hf:/path"
-    modality: Modality
+    modality: str  # one of MODALITIES
     dim: int  # size of the "final" output
-    version: str  # weights identity (file hash or package version); recorded in stores and models
+    version: str  # weights identity (fingerprint or package version); recorded in stores and models
     layer_dims: dict[str, int]  # every key forward() can return, including "final"
-    device: torch.device
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._device = torch.device("cpu")
 
     # -- to implement -------------------------------------------------------------------------
-    @abstractmethod
     def forward(self, batch: Any, layers: Sequence[str] = (FINAL,)) -> dict[str, torch.Tensor]:
-        """Pooled features for a batch: stacked image tensors (image) or a list of strings (text).
+        """Pooled features for a batch: stacked tensors, or a list of strings (text).
         Returns float tensors of shape (batch, layer_dims[k]) for each requested key."""
+        raise NotImplementedError
 
-    def preprocess(self) -> Callable[[Any], torch.Tensor]:
-        """Picklable callable PIL.Image -> CHW float tensor (image encoders only)."""
-        raise NotImplementedError(f"{self.spec} is a {self.modality} encoder and takes no images")
+    def loader(self) -> Callable[[Any], torch.Tensor] | None:
+        """Picklable callable ``item -> tensor`` (a path or an in-memory object), or None when batches
+        are passed to ``forward`` as they are (text)."""
+        return None
 
     def config(self) -> dict[str, Any]:
         """Everything needed to rebuild this encoder with :func:`unialign.encoders.load_encoder`."""
@@ -55,17 +65,57 @@ class Encoder(ABC):
 
     # -- shared -------------------------------------------------------------------------------
     @property
+    def device(self) -> torch.device:
+        """Where the encoder's weights are (CPU for weightless encoders)."""
+        for t in self.parameters():
+            return t.device
+        for t in self.buffers():
+            return t.device
+        return self._device
+
+    def freeze(self, device: str | torch.device | None = None) -> "Encoder":
+        """Eval mode, no gradients, moved to ``device`` (default: CUDA, MPS, else CPU)."""
+        self._device = pick_device(device)
+        self.eval().to(self._device)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> "Encoder":
+        """Frozen encoders stay in eval mode (dropout off, norm statistics fixed) whatever their parent does."""
+        return super().train(False)
+
+    @property
     def layers(self) -> list[str]:
         return list(self.layer_dims)
 
     def check_layers(self, layers: Sequence[str]) -> None:
         unknown = [l for l in layers if l not in self.layer_dims]
         if unknown:
-            from ..errors import ConfigError
-
             raise ConfigError(f"encoder {self.spec}: unknown layer(s) {unknown}; available: {self.layers}")
 
+    def width(self, layers: Sequence[str]) -> int:
+        """Size of the concatenation of ``layers`` (what a projection of those layers takes)."""
+        self.check_layers(layers)
+        return sum(self.layer_dims[l] for l in layers)
+
+    def collate(self, items: Sequence[Any]) -> Any:
+        """Raw inputs -> one batch for ``forward`` (loads and stacks what needs loading)."""
+        load = self.loader()
+        if load is None:
+            return [str(x) for x in items]
+        return torch.stack([x if isinstance(x, torch.Tensor) else load(x) for x in items])
+
     @torch.inference_mode()
+    def features(self, batch: Any, layers: Sequence[str] = (FINAL,)) -> torch.Tensor:
+        """``forward`` on one collated batch, its ``layers`` concatenated in order as float32: the row
+        format of the feature store and of every projection."""
+        if isinstance(batch, torch.Tensor):
+            batch = batch.to(self.device, non_blocking=True)
+        with autocast(self.device):
+            out = self.forward(batch, list(layers))
+        return torch.cat([out[l].float() for l in layers], dim=1)
+
     def encode(
         self,
         inputs: Sequence[Any],
@@ -75,45 +125,37 @@ class Encoder(ABC):
         normalize_embeddings: bool = False,
         layers: Sequence[str] = (FINAL,),
     ) -> np.ndarray | torch.Tensor:
-        """sentence-transformers-style convenience: strings (text) or PIL images / paths (image).
-
-        Several ``layers`` are concatenated along the feature axis in the given order (what a head
-        trained on those layers of the feature store expects); normalisation applies to the result.
-        """
+        """Raw encoder features of raw inputs (strings, image paths or PIL images, ...), batched:
+        sentence-transformers' ``encode`` for one frozen encoder. Several ``layers`` are concatenated."""
         layers = [layers] if isinstance(layers, str) else list(layers)
         self.check_layers(layers)
-        from ..data.base import load_image
-
-        prep = self.preprocess() if self.modality == "image" else None
-        chunks = []
-        starts = range(0, len(inputs), batch_size)
-        show = show_progress_bar if show_progress_bar is not None else len(inputs) > 4 * batch_size
-        for s in tqdm(starts, disable=not show, desc=f"encode {self.modality}"):
-            items = list(inputs[s : s + batch_size])
-            if prep is not None:
-                imgs = [load_image(x) if isinstance(x, (str, bytes)) or hasattr(x, "__fspath__") else x for x in items]
-                batch = torch.stack([x if isinstance(x, torch.Tensor) else prep(x) for x in imgs])
-            else:
-                batch = [str(x) for x in items]
-            with autocast(self.device):
-                out = self.forward(batch, layers)
-            chunks.append(torch.cat([out[l].float().cpu() for l in layers], dim=1))
-        dim = sum(self.layer_dims[l] for l in layers)
-        emb = torch.cat(chunks) if chunks else torch.zeros(0, dim)
+        items = list(inputs)
+        show = show_progress_bar if show_progress_bar is not None else len(items) > 4 * batch_size
+        chunks = [self.features(self.collate(items[s : s + batch_size]), layers).cpu()
+                  for s in progress(range(0, len(items), batch_size), desc=f"encode {self.modality}", disable=not show)]
+        emb = torch.cat(chunks) if chunks else torch.zeros(0, self.width(layers))
         if normalize_embeddings:
             emb = torch.nn.functional.normalize(emb, dim=-1)
         return emb.numpy() if convert_to_numpy else emb
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(spec={self.spec!r}, modality={self.modality}, dim={self.dim}, device={self.device})"
+    def extra_repr(self) -> str:
+        return f"spec={self.spec!r}, modality={self.modality}, dim={self.dim}"
 
 
-def set_eval(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Freeze a module: eval mode, no grads, moved to device."""
-    model.eval().to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+@dataclass(frozen=True)
+class ImageLoader:
+    """Picklable ``path | PIL image -> tensor``: :func:`unialign.media.load_image`, then ``transform``."""
+
+    transform: Callable[[Image.Image], torch.Tensor]
+
+    def __call__(self, item: Any) -> torch.Tensor:
+        from ..media import load_image, to_rgb
+
+        if isinstance(item, (str, bytes, os.PathLike)):
+            img = load_image(item)
+        else:
+            img = item if getattr(item, "mode", "RGB") == "RGB" else to_rgb(item)
+        return self.transform(img)
 
 
 @dataclass(frozen=True)
@@ -136,7 +178,7 @@ class ImageTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if img.mode != "RGB":
-            from ..data.base import to_rgb  # alpha onto white, the same rule as load_image
+            from ..media import to_rgb  # alpha onto white, the same rule as load_image
 
             img = to_rgb(img)
         if self.resize_hw is not None:
@@ -154,6 +196,11 @@ class ImageTransform:
         arr = np.asarray(img, dtype=np.float32) * np.float32(self.rescale)
         arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the tensors it makes."""
+        return self.crop_hw or self.resize_hw or (self.resize_shorter, self.resize_shorter)  # type: ignore[return-value]
 
 
 def center_crop(img: Image.Image, hw: tuple[int, int]) -> Image.Image:
@@ -197,11 +244,10 @@ __all__ = [
     "FINAL",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "ImageLoader",
     "ImageTransform",
-    "Modality",
+    "MODALITIES",
     "center_crop",
     "masked_mean",
-    "pick_device",
-    "set_eval",
     "weights_fingerprint",
 ]

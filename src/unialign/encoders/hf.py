@@ -28,18 +28,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..device import pick_device
 from ..errors import ConfigError
-from .base import (
-    FINAL,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Encoder,
-    ImageTransform,
-    masked_mean,
-    set_eval,
-    weights_fingerprint,
-)
+from .base import FINAL, IMAGENET_MEAN, IMAGENET_STD, Encoder, ImageLoader, ImageTransform, masked_mean, weights_fingerprint
 
 POOLINGS = ("cls", "mean", "cls+mean")
 NO_CLS_TYPES = {"siglip_vision_model", "siglip2_vision_model"}
@@ -96,6 +86,7 @@ class HFImageEncoder(Encoder):
     def __init__(self, source: str, config: Any, device: str | torch.device | None = None, **options: Any):
         from . import check_options, format_spec
 
+        super().__init__()
         model_type = str(getattr(config, "model_type", ""))
         self.has_cls = model_type not in NO_CLS_TYPES
         default_pooling = "cls+mean" if model_type.startswith("dinov2") else ("cls" if self.has_cls else "mean")
@@ -110,8 +101,7 @@ class HFImageEncoder(Encoder):
         self.prefix = (int(self.has_cls) + int(model_type == "deit")
                        + int(getattr(config, "num_register_tokens", 0) or 0))
 
-        self.device = pick_device(device)
-        self.model = set_eval(_load_model(source, config), self.device)
+        self.model = _load_model(source, config)
         self.norm = _final_norm(self.model)
         self.transform, processor_info = image_transform(source, config, opts["image_size"])
         self.image_size = self.transform.crop_hw[0] if self.transform.crop_hw else self.transform.resize_hw[0]
@@ -126,9 +116,10 @@ class HFImageEncoder(Encoder):
         self.spec = format_spec(f"hf:{source}", opts, defaults)
         self.processor_info = processor_info
         self.version = _fingerprint(self.model, config, processor_info)
+        self.freeze(device)
 
-    def preprocess(self) -> ImageTransform:
-        return self.transform
+    def loader(self) -> ImageLoader:
+        return ImageLoader(self.transform)
 
     def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.ndim != 3:
@@ -240,14 +231,14 @@ class HFTextEncoder(Encoder):
 
         from . import check_options, format_spec
 
+        super().__init__()
         defaults = {"max_length": 128}
         opts = check_options(f"hf:{source}", options, defaults)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         limit = getattr(self.tokenizer, "model_max_length", None)
         limit = limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
         self.max_length = min(int(opts["max_length"]), limit) if limit else int(opts["max_length"])
-        self.device = pick_device(device)
-        self.model = set_eval(_load_model(source, config), self.device)
+        self.model = _load_model(source, config)
         width = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model"))
         n_hidden = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "num_layers")) + 1
         self.dim = width
@@ -255,6 +246,7 @@ class HFTextEncoder(Encoder):
         self.spec = format_spec(f"hf:{source}", opts, defaults)
         self.version = _fingerprint(self.model, config, {"tokenizer": type(self.tokenizer).__name__,
                                                          "vocab_size": len(self.tokenizer)})
+        self.freeze(device)
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[str], layers: Sequence[str] = (FINAL,)) -> dict[str, torch.Tensor]:

@@ -18,9 +18,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..device import pick_device
 from ..errors import ConfigError
-from .base import FINAL, Encoder, masked_mean, set_eval, weights_fingerprint
+from .base import FINAL, Encoder, masked_mean, weights_fingerprint
 
 PACKAGED_ALIASES = {"", "all-minilm-l6-v2", "minilm", "sentence-transformers/all-minilm-l6-v2"}
 PACKAGED_NAME = "all-MiniLM-L6-v2"
@@ -66,6 +65,7 @@ class SentenceTransformerEncoder(Encoder):
     def __init__(self, name: str, device: str | torch.device | None = None, **options: Any):
         from . import check_options, format_spec
 
+        super().__init__()
         opts = check_options(f"st:{name}", options, DEFAULTS)
         from sentence_transformers import SentenceTransformer
 
@@ -74,7 +74,6 @@ class SentenceTransformerEncoder(Encoder):
         except ImportError:  # pragma: no cover
             from sentence_transformers.models import Normalize
 
-        self.device = pick_device(device)
         packaged = name.strip().lower() in PACKAGED_ALIASES
         if packaged:
             canonical = PACKAGED_NAME
@@ -94,8 +93,8 @@ class SentenceTransformerEncoder(Encoder):
             model.max_seq_length = int(opts["max_length"])
         modules = list(model)
         self.normalize = bool(modules) and isinstance(modules[-1], Normalize)
-        self._modules = modules[:-1] if self.normalize else modules
-        self.model = set_eval(model, self.device)
+        self.pipeline = list(modules[:-1] if self.normalize else modules)  # plain list: modules live in self.model
+        self.model = model
         self.spec = format_spec(f"st:{canonical}", opts, DEFAULTS)
         self.dim = int(model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension")
                        else model.get_sentence_embedding_dimension())
@@ -105,6 +104,7 @@ class SentenceTransformerEncoder(Encoder):
         self.max_length = model.max_seq_length
         cfg_json = json.dumps(hf_model.config.to_dict(), sort_keys=True, default=str)
         self.version = weights_fingerprint(model, extra=cfg_json)
+        self.freeze(device)
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[str], layers: Sequence[str] = (FINAL,)) -> dict[str, torch.Tensor]:
@@ -112,7 +112,7 @@ class SentenceTransformerEncoder(Encoder):
         tokenize = getattr(self.model, "preprocess", None) or self.model.tokenize  # v6 renamed tokenize
         features = tokenize(list(batch))
         features = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
-        for module in self._modules:  # the model's own pipeline, minus a trailing Normalize
+        for module in self.pipeline:  # the model's own modules, minus a trailing Normalize
             features = module(features)
         return layer_features(features, layers)
 

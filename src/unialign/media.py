@@ -1,0 +1,88 @@
+"""Reading media files into what encoders take: images (and, for other modalities, their loaders).
+
+One loader per modality, shared by feature extraction, the model's ``encode`` and the server, so an
+image is decoded the same way everywhere: EXIF rotation applied, transparency composited on white,
+any PIL mode turned into 8-bit RGB, and every unreadable file reported by path with the reason.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import ImageLoadError
+
+# Pillow's decompression-bomb guard, made an error instead of a warning: 8192 x 8192 is far above
+# anything an encoder looks at, far below what exhausts memory.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def load_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> Image.Image:
+    """Open an image (a path, or the bytes of an uploaded file) as RGB, applying EXIF rotation and
+    compositing alpha on white.
+
+    Raises :class:`ImageLoadError` naming the file (``name`` for bytes) for anything that is not a
+    readable image: missing, zero bytes, truncated, a directory, a text file; ``too_large`` is set on
+    the error when the image has more than ``max_pixels`` pixels (decompression bombs included).
+    """
+    if isinstance(source, (bytes, bytearray)):
+        where, fh = name or "upload", io.BytesIO(source)
+        if not source:
+            raise ImageLoadError(where, "file is empty (0 bytes)")
+    else:
+        p = Path(source)
+        where, fh = str(p), p
+        if not p.exists():
+            raise ImageLoadError(where, "file does not exist")
+        if p.is_dir():
+            raise ImageLoadError(where, "is a directory, not an image")
+        if p.stat().st_size == 0:
+            raise ImageLoadError(where, "file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = max(MAX_IMAGE_PIXELS, max_pixels)
+            with Image.open(fh) as im:
+                if im.width * im.height > max_pixels:
+                    raise ImageLoadError(where, f"image too large ({im.width}x{im.height} = {im.width * im.height} "
+                                                f"pixels; the limit is {max_pixels})", too_large=True)
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                return to_rgb(im)
+    except ImageLoadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(where, f"image too large (decompression bomb guard): {e}", too_large=True) from None
+    except Exception as e:  # PIL raises many types for bad files; all mean "not a readable image"
+        raise ImageLoadError(where, f"not a readable image ({type(e).__name__}: {e})") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode (P, PA, LA, RGBA, CMYK, I;16, I, F, L, 1) to 8-bit RGB; transparency becomes white.
+
+    High-bit-depth images are scaled by their type's full range (16-bit: 65535, float: 1.0), not by
+    the image's own maximum, so a dark 16-bit photo stays dark instead of being stretched to white.
+    """
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            top = 1.0 if arr.size == 0 or arr.max() <= 1.0 else 255.0
+        elif im.mode == "I" and arr.size and arr.max() > 65535:
+            top = float(arr.max())
+        else:
+            top = 65535.0
+        im = Image.fromarray((arr / top * 255.0).round().clip(0, 255).astype(np.uint8), "L")
+    if im.mode in ("P", "PA", "LA", "RGBa") or (im.mode in ("L", "RGB") and "transparency" in im.info):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        bg = Image.new("RGB", im.size, (255, 255, 255))
+        bg.paste(im, mask=im.getchannel("A"))
+        return bg
+    return im.convert("RGB")
+
+
+__all__ = ["MAX_IMAGE_PIXELS", "load_image", "to_rgb"]

@@ -1,0 +1,171 @@
+"""Run a frozen encoder once over a dataset's items of one modality into a :class:`FeatureStore`, resumably.
+
+Why it is built this way:
+- Work is cut into fixed shards of ``shard_size`` dataset items, and batches never cross a shard, so
+  a shard's bytes depend only on its items: a run killed at any point and resumed ends byte-identical
+  to an uninterrupted one. Each shard's files are written atomically, then its completion record; the
+  manifest is written last, so a store with a manifest is always complete.
+- Media are decoded and preprocessed in DataLoader workers (``Encoder.loader`` is picklable), so the
+  encoder does not wait on PNG decoding; text batches go to the encoder as lists of strings.
+- Bad items (unreadable image, non-finite output) are skipped, counted and listed, or raise naming the
+  item with ``strict=True``; shards already written are kept either way.
+- Two executors run the same :func:`~.shards.encode_shards` (read -> encode -> write one shard at a time):
+  ``"local"`` in this process, ``"ray"`` in a Ray Data actor pool (``ray_executor.py``), so the stores
+  they write are byte-identical.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+from unialign import paths
+from unialign.encoders.base import FINAL, Encoder
+from unialign.errors import DataError, StoreError
+from unialign.io import read_json, remove_stale_tmp, write_json
+from unialign.progress import progress
+
+from ..data.records import Dataset
+from .shards import DTYPES, encode_shards, shard_done, shard_len
+from .store import FORMAT_VERSION, FeatureStore, shard_record_path
+
+
+def store_key(dataset: Dataset, encoder: Encoder, layers: Sequence[str], dtype: str, shard_size: int,
+              modality: str | None = None) -> dict[str, Any]:
+    """Everything that determines a store's content; a store is reused only when this matches."""
+    modality = modality or encoder.modality
+    return {
+        "encoder": encoder.config(),
+        "modality": modality,
+        "layers": list(layers),
+        "layer_dims": {l: int(encoder.layer_dims[l]) for l in layers},
+        "dtype": dtype,
+        "shard_size": shard_size,
+        "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(modality),
+                    "n_items": len(dataset.unique_items(modality))},
+    }
+
+
+def default_store_path(dataset: Dataset, encoder: Encoder, layers: Sequence[str] = (FINAL,), dtype: str = "float16",
+                       shard_size: int = 4096, modality: str | None = None) -> Path:
+    """``$UNIALIGN_HOME/features/<dataset>/<encoder>-<hash>``: a new folder whenever inputs change."""
+    return _path_for_key(dataset, encoder, store_key(dataset, encoder, layers, dtype, shard_size, modality))
+
+
+def _path_for_key(dataset: Dataset, encoder: Encoder, key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in encoder.spec)[:60]
+    return paths.features_dir() / dataset.name / f"{slug}-{digest}"
+
+
+def extract(
+    dataset: Dataset,
+    encoder: Encoder,
+    out: str | Path | None = None,
+    *,
+    layers: Sequence[str] = (FINAL,),
+    shard_size: int = 4096,
+    batch_size: int = 64,
+    dtype: str = "float16",
+    num_workers: int | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    executor: str = "local",
+    concurrency: int | None = None,
+    modality: str | None = None,
+) -> FeatureStore:
+    """Encode ``dataset``'s distinct items of ``modality`` (default: the encoder's) into a store.
+
+    A rerun with the same inputs returns the existing store at once; an interrupted run resumes from
+    the last complete shard. ``overwrite`` replaces a store built from other inputs.
+
+    ``executor="ray"`` encodes the missing shards in a Ray Data actor pool of ``concurrency`` actors
+    (default: one per GPU when CUDA is present, else one per CPU of the Ray cluster), each holding the
+    encoder; it joins a running Ray instance or starts a local one. The store is the same either way.
+    """
+    if executor not in ("local", "ray"):
+        raise StoreError(f"executor must be 'local' or 'ray', got {executor!r}")
+    if dtype not in DTYPES:
+        raise StoreError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if shard_size < 1 or batch_size < 1:
+        raise StoreError("shard_size and batch_size must be >= 1")
+    layers = list(dict.fromkeys([FINAL, *layers]))
+    encoder.check_layers(layers)
+    modality = modality or encoder.modality
+    if modality not in dataset.modalities and not (modality == "vector" and len(dataset)):
+        raise DataError(f"{dataset.name} has no {modality} items (its modalities: {dataset.modalities})")
+    key = store_key(dataset, encoder, layers, dtype, shard_size, modality)  # fingerprints the dataset: once per call
+    root = Path(out) if out is not None else _path_for_key(dataset, encoder, key)
+    _claim(root, key, overwrite)
+    if (root / "manifest.json").exists():
+        return FeatureStore.open(root)
+
+    n = key["dataset"]["n_items"]
+    n_shards = max(1, -(-n // shard_size))
+    todo = [s for s in range(n_shards) if not shard_done(root, s)]
+    items = _items(dataset, modality)
+    if executor == "ray" and todo:
+        from .ray_executor import run_ray
+
+        run_ray(root, key, items, encoder, todo, batch_size=batch_size, num_workers=num_workers, strict=strict,
+                concurrency=concurrency, show_progress=show_progress)
+        return _finish(root, key, n_shards)
+    bar = progress(total=sum(shard_len(s, n, shard_size) for s in todo), unit=modality, disable=not show_progress,
+                   desc=f"extract {encoder.spec}")
+    try:
+        encode_shards(root, key, items, encoder, todo, batch_size, num_workers, strict, bar.update)
+    finally:
+        bar.close()  # ends the bar's line, so an error message starts on a line of its own
+    return _finish(root, key, n_shards)
+
+
+# -- what is encoded ----------------------------------------------------------------------------
+def _items(dataset: Dataset, modality: str) -> list[dict[str, Any]]:
+    """One dict per store item: its index, the id of the first record holding it, and the item."""
+    first: dict[str, str] = {}
+    for i, r in enumerate(dataset.records):
+        for it in dataset.items(i, modality):
+            first.setdefault(it, str(r["id"]))
+    return [{"index": j, "id": rid, modality: it} for j, (it, rid) in enumerate(first.items())]
+
+
+def _claim(root: Path, key: dict[str, Any], overwrite: bool) -> None:
+    """Record what this folder holds; refuse (or, with overwrite, wipe) a folder holding other inputs."""
+    plan = root / "shards" / "plan.json"
+    if (root / "shards").is_dir():
+        remove_stale_tmp(root)  # half-written files of a killed run
+    if plan.exists():
+        old = read_json(plan)
+        if old == json.loads(json.dumps(key)):
+            return
+        if not overwrite:
+            diff = [k for k in key if old.get(k) != json.loads(json.dumps(key[k]))]
+            raise StoreError(f"{root} holds features of other inputs (differs in: {', '.join(diff)}); "
+                             "pass overwrite=True / --overwrite to replace it, or choose another folder")
+        shutil.rmtree(root)
+    elif root.exists() and any(f.is_file() for f in root.rglob("*")) and not overwrite:  # empty folders: ours
+        raise StoreError(f"{root} exists and is not a unialign store; choose an empty folder or pass --overwrite")
+    elif root.exists() and overwrite:
+        shutil.rmtree(root)
+    write_json(plan, key)
+
+
+def _finish(root: Path, key: dict[str, Any], n_shards: int) -> FeatureStore:
+    shards, skipped = [], []
+    for s in range(n_shards):
+        rec = read_json(shard_record_path(root, s))
+        shards.append({"shard": s, "rows": rec["rows"], "files": rec["files"]})
+        skipped.extend(rec["skipped"])
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        **key,
+        "n_rows": sum(s["rows"] for s in shards),
+        "n_skipped": len(skipped),
+        "skipped": skipped,
+        "shards": shards,
+    }
+    write_json(root / "manifest.json", manifest)
+    return FeatureStore.open(root)

@@ -1,0 +1,89 @@
+"""The main job, stage by stage: data -> features -> align -> evaluate -> saved model.
+
+``run(cfg)`` is what ``unialign run`` does; ``train_model`` and ``evaluate_model`` are its two halves
+(``unialign train`` / ``unialign eval``). This module calls the stages and implements none of them.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from unialign.encoders import load_encoder
+from unialign.io import write_json, write_text
+from unialign.model import AlignedModel
+from unialign.results import markdown_table, write_results
+
+from .align import fit, get_recipe, make_pairs
+from .config import RunConfig, to_dict
+from .data import Splits, heldout_name, load_dataset, make_splits
+from .evaluate import classification, evaluate_split, validator, zero_shot_set
+from .features import Cached, cache_features
+
+Log = Callable[[str], None]
+
+
+def train_model(cfg: RunConfig, log: Log = print) -> tuple[AlignedModel, Cached, Splits]:
+    """Data, features, splits and the fitted projections, as an AlignedModel (not yet evaluated)."""
+    recipe = get_recipe(cfg.recipe)
+    ds = load_dataset(cfg.data.dataset)
+    x, y = cfg.align
+    encoders = {m: load_encoder(cfg.encoders[m], device=cfg.device) for m in cfg.align}
+    layers = {m: cfg.layers_of(m) for m in cfg.align}
+    for m, enc in encoders.items():
+        enc.check_layers(layers[m])
+    cached = cache_features(ds, encoders, layers, cfg.extract, log)
+    splits = make_splits(ds, cfg.data)
+    pairs = make_pairs(cached, splits.train, x, y)
+    log(f"split by concept: {len(splits.concepts['train'])}/{len(splits.concepts['val'])}/{len(splits.concepts['test'])} "
+        f"train/val/test concepts; {len(pairs)} training records, {int(pairs.y_counts().sum())} {y} items")
+    validate = None
+    if recipe.trained and "text" in cfg.align:  # early stopping on zero-shot accuracy among validation concepts
+        query = x if y == "text" else y
+        validate = validator(cached, encoders["text"], layers["text"], splits.val, query, cfg.eval.templates)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    fitted = fit(recipe, cfg.train, cached[x].features, cached[y].features, pairs, cfg.align, validate,
+                 out / "checkpoint.pt", cfg.device, log)
+    info = {**fitted.info, "dataset": ds.name, "dataset_fingerprint": ds.fingerprint(), "config": to_dict(cfg)}
+    return AlignedModel(encoders, fitted.projections, layers, fitted.logit_scale, info), cached, splits
+
+
+def evaluate_model(model: AlignedModel, cfg: RunConfig, cached: Cached, splits: Splits, log: Log = print
+                   ) -> list[dict[str, Any]]:
+    """The protocol: the held-out split (held-out concepts, in held-out styles), then each zero-shot set."""
+    ks = cfg.eval.retrieval_ks
+    records = evaluate_split(model, cached, splits.test, heldout_name(cached.dataset, splits), cfg.align,
+                             cfg.eval.templates, ks, cfg.name, cfg.output)
+    query = [m for m in cfg.align if m != "text"]
+    for name, zs in cfg.eval.zero_shot_sets.items():
+        ds = zero_shot_set(zs)
+        if len(query) != 1 or query[0] not in ds.modalities:
+            log(f"zero-shot set {name} skipped: it has no {' or '.join(query) or 'non-text'} items")
+            continue
+        q = query[0]
+        zc = cache_features(ds, {q: model.encoders[q]}, {q: model.layers[q]}, cfg.extract, log)
+        records.append(classification(model, zc, range(len(ds)), q, name, zs.templates, cfg.name, cfg.output))
+    return records
+
+
+def run(cfg: RunConfig, log: Log = print) -> dict[str, Any]:
+    """The whole job; writes ``<output>/model``, ``<output>/results`` and prints the results table."""
+    t0 = time.perf_counter()
+    out = Path(cfg.output)
+    model, cached, splits = train_model(cfg, log)
+    records = evaluate_model(model, cfg, cached, splits, log)
+    model.save_pretrained(out / "model", results=records)
+    write_results(out / "results", records)
+    info = model.info
+    write_json(out / "run.json", {"config": to_dict(cfg), "info": {k: v for k, v in info.items() if k != "history"},
+                                  "seconds": time.perf_counter() - t0})
+    if info.get("history"):
+        write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in info["history"]))
+    log("\n" + markdown_table(records))
+    log(f"\nmodel saved to {out / 'model'}; results in {out / 'results'} ({time.perf_counter() - t0:.0f}s)")
+    return {"records": records, "info": info, "model_dir": str(out / "model")}
+
+
+__all__ = ["evaluate_model", "run", "train_model"]
