@@ -58,10 +58,10 @@ def run_child(body: str, kill_at: int = 0, timeout: float = 300) -> int:
 
 
 def run_cli(*args: str, tiny: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python3 -m unialign ARGS``; with ``tiny`` the same entry point (``unialign.cli.main``) in a
+    """``python3 -m unialign ARGS``; with ``tiny`` the same entry point (``unialign_cli.main.main``) in a
     process that first registers the tiny test encoders (``tiny-image``, ``tiny-text``)."""
     if tiny:
-        code = ("import sys; from tiny import register_tiny; register_tiny(); from unialign.cli import main; "
+        code = ("import sys; from tiny import register_tiny; register_tiny(); from unialign_cli.main import main; "
                 f"sys.argv = ['unialign', *{list(args)!r}]; main()")
         cmd = [sys.executable, "-c", code]
     else:

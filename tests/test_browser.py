@@ -28,7 +28,7 @@ TEMPLATES = ["{}", "an emoji of {}.", "an icon of {}.", "a {} emoji."]
 
 def emoji_subset(n: int = 60):
     """``n`` google-style emoji: the KNOWN concepts plus an even stride over the rest (deterministic)."""
-    from unialign.data import load_dataset
+    from unialign_train.data import load_dataset
 
     ds = load_dataset("emoji")
     google = [int(i) for i in ds.indices(styles=["google"])]
@@ -44,10 +44,10 @@ def emoji_subset(n: int = 60):
 
 def train_model(ds, store: Path, out: Path) -> Path:
     """Linear heads on the subset's cached features; a few seconds on CPU."""
-    from unialign.align.heads import HeadPair
     from unialign.encoders import load_encoder
-    from unialign.features.extract import extract
     from unialign.model import AlignedModel
+    from unialign.projections import Tower
+    from unialign_train.features import extract
 
     torch.manual_seed(0)
     img_enc = load_encoder("effnet-lite0?image_size=128", device="cpu")
@@ -56,21 +56,21 @@ def train_model(ds, store: Path, out: Path) -> Path:
     x = torch.as_tensor(fs.array().numpy("float32"))
     labels = [ds.records[int(i)]["label"] for i in fs.index]
     t = torch.as_tensor(txt_enc.encode([tp.format(l) for tp in TEMPLATES for l in labels])).view(len(TEMPLATES), len(labels), -1)
-    heads = HeadPair.build("linear", x.shape[1], t.shape[-1], 128)
-    heads.image.standardize.fit(x)
-    heads.text.standardize.fit(t.reshape(-1, t.shape[-1]))
+    heads = torch.nn.ModuleDict({"image": Tower("linear", x.shape[1], 128), "text": Tower("linear", t.shape[-1], 128)})
+    heads["image"].standardize.fit(x)
+    heads["text"].standardize.fit(t.reshape(-1, t.shape[-1]))
     opt = torch.optim.Adam(heads.parameters(), lr=2e-3)
     target = torch.arange(len(labels))
     for _ in range(300):
-        zi = F.normalize(heads.project_image(x), dim=-1)
+        zi = F.normalize(heads["image"](x), dim=-1)
         loss = 0.0
         for k in range(len(TEMPLATES)):
-            logits = zi @ F.normalize(heads.project_text(t[k]), dim=-1).T / 0.05
+            logits = zi @ F.normalize(heads["text"](t[k]), dim=-1).T / 0.05
             loss = loss + F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return AlignedModel(img_enc, txt_enc, heads.eval()).save(out)
+    return AlignedModel({"image": img_enc, "text": txt_enc}, dict(heads.eval())).save_pretrained(out)
 
 
 def free_port() -> int:
@@ -85,8 +85,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         pytest.fail(f"{CHROMIUM} is not installed; run `bash scripts/setup.sh` (installs Debian's chromium)")
     import uvicorn
 
-    from unialign.serve.app import create_app
-    from unialign.serve.index import build_index
+    from unialign_serve.app import create_app
+    from unialign_serve.index import build_index
 
     root = tmp_path_factory.mktemp("browser")
     ds = emoji_subset()
@@ -149,7 +149,7 @@ def test_text_search_shows_the_emoji(page, query: str, label: str) -> None:
 def test_upload_classifies_the_image(page, server) -> None:
     ds = server["dataset"]
     i = next(j for j, r in enumerate(ds.records) if r["label"] == "pizza")
-    page.set_input_files("#file", str(ds.image_path(i)))
+    page.set_input_files("#file", str(ds.path(i)))
     page.fill("#labels", "cat face, rocket, pizza, snowman, ghost")
     page.click("#classify-button")
     page.wait_for_function("() => document.querySelectorAll('#ranking li').length === 5")

@@ -1,4 +1,4 @@
-"""unialign.curate: rarest-first assignment by hand, chunked scoring vs a naive reference, diversity
+"""unialign_train.curate: rarest-first assignment by hand, chunked scoring vs a naive reference, diversity
 fill, near-duplicate removal, save/load, input errors."""
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from unialign.curate import (
+from unialign_train.data.subsets import load_subset
+from unialign_train.curate import (
     CurateInputError,
     CurateOptionError,
     assign_rarest_first,
     curate,
     dedup_pairs,
     fill_diverse,
-    load_subset,
     near_duplicates,
     report_path,
     score_pool,

@@ -11,43 +11,49 @@ import pytest
 from typer.testing import CliRunner
 
 from tiny import TinyImageEncoder, TinyTextEncoder, make_image_dataset
-from unialign import pipeline
-from unialign.config import load_config
-from unialign.curate import CurateOptionError, curate_dataset, load_subset, report_path
-from unialign.data import PairDataset, load_dataset
-from unialign.encoders import load_encoder, register_encoder
+from unialign.encoders import register_encoder
+from unialign_train.align import make_pairs
+from unialign_train.config import load_config
+from unialign_train.curate import CurateOptionError, curate_dataset, report_path
+from unialign_train.data import Dataset, load_dataset, make_splits
+from unialign_train.data.subsets import load_subset
+from unialign_train.features import cache_features
 
 register_encoder("tiny-img", lambda name, device, **o: TinyImageEncoder(), "tiny-img")
 register_encoder("tiny-txt", lambda name, device, **o: TinyTextEncoder(), "tiny-txt")
 
-SETS = {"encoders.image": "tiny-img", "encoders.text": "tiny-txt", "encoders.num_workers": 0, "device": "cpu",
+SETS = {"encoders.image": "tiny-img", "encoders.text": "tiny-txt", "extract.num_workers": 0, "device": "cpu",
         "data.split": [0.6, 0.2, 0.2]}
 N_DUP = 3
+QUIET = lambda s: None  # noqa: E731
 
 
 @pytest.fixture()
 def env(tmp_path, monkeypatch):
     """A saved tiny dataset (80 records, 7 concepts, 2 styles) plus N_DUP exact copies of training
-    records appended at the end, a config naming it, and a concepts file."""
+    records appended at the end, a config naming it, its cached features, and a concepts file."""
     monkeypatch.setenv("UNIALIGN_HOME", str(tmp_path / "home"))
     base = make_image_dataset(tmp_path / "imgs", n=80)
     cfg = load_config(overrides={**SETS, "data.dataset": str(tmp_path / "ds")})
-    train = pipeline.make_splits(base, cfg).train
+    train = make_splits(base, cfg.data).train
     originals = train[[0, 5, 9]].tolist()
     recs = base.records + [{**base.records[i], "id": f"dup{i}"} for i in originals]
-    PairDataset("tiny", recs, base.root).save(tmp_path / "ds")
+    Dataset("tiny", recs, base.root).save(tmp_path / "ds")
     names = tmp_path / "concepts.txt"
     names.write_text("# targets\nthing 1\nthing 2\n\nthing 5\nthing 6\n")
     ds = load_dataset(str(tmp_path / "ds"))
-    return {"tmp": tmp_path, "cfg": cfg, "ds": ds, "names": names, "originals": originals,
+    encoders = {"image": TinyImageEncoder(), "text": TinyTextEncoder()}
+    cached = cache_features(ds, encoders, {}, cfg.extract, QUIET, show_progress=False)
+    return {"tmp": tmp_path, "cfg": cfg, "ds": ds, "names": names, "originals": originals, "cached": cached,
+            "kw": dict(text_encoder=encoders["text"], media="image", media_encoder=encoders["image"], log=QUIET),
             "copies": list(range(len(base), len(ds)))}
 
 
 def test_subset_has_budget_and_training_rows_only(env):
     cfg, ds, tmp = env["cfg"], env["ds"], env["tmp"]
-    train = pipeline.make_splits(ds, cfg).train
+    train = make_splits(ds, cfg.data).train
     assert len(train) < len(ds)  # val/test concepts exist and must stay out
-    dc = curate_dataset(None, env["names"], 12, cfg=cfg, out=tmp / "sub.parquet", log=lambda s: None)
+    dc = curate_dataset(env["cached"], env["names"], 12, protocol=cfg.data, out=tmp / "sub.parquet", **env["kw"])
     rows = load_subset(tmp / "sub.parquet")
     assert len(rows) == 12 and len(set(rows.tolist())) == 12
     assert np.array_equal(rows, dc.rows)
@@ -56,75 +62,73 @@ def test_subset_has_budget_and_training_rows_only(env):
     table = pq.read_table(tmp / "sub.parquet").to_pydict()
     assert set(table) == {"row", "concept", "concept_index", "score", "source"}
     # concept rows really are captioned with their concept when it is a training concept
-    for r, c in zip(table["row"], table["concept"]):
-        if c and ds.records[r]["label"] == c:
-            assert c in ds.captions(r)
+    matched = [(r, c) for r, c in zip(table["row"], table["concept"]) if c and ds.records[r]["label"] == c]
+    assert matched and all(c in ds.items(r, "text") for r, c in matched)
     report = json.loads(report_path(tmp / "sub.parquet").read_text())
     assert report["n_rows"] == 12 and report["row_meaning"] == "dataset record index"
     assert report["dataset"] == "tiny" and report["pool_size"] == len(train)
     assert set(report["pairs_per_concept"]) == {"thing 1", "thing 2", "thing 5", "thing 6"}
 
 
-def test_all_flag_and_budget_over_pool(env):
+def test_all_records_and_budget_over_pool(env):
     cfg, ds = env["cfg"], env["ds"]
-    train = pipeline.make_splits(ds, cfg).train
-    dc = curate_dataset(None, ["thing 0"], len(ds), cfg=cfg, restrict_train=False, log=lambda s: None)
-    assert sorted(dc.rows.tolist()) == list(range(len(ds)))  # --all: every record is a candidate
-    dc = curate_dataset(None, ["thing 0"], 10_000, cfg=cfg, log=lambda s: None)
+    train = make_splits(ds, cfg.data).train
+    dc = curate_dataset(env["cached"], ["thing 0"], len(ds), **env["kw"])  # no protocol: every record is a candidate
+    assert sorted(dc.rows.tolist()) == list(range(len(ds)))
+    dc = curate_dataset(env["cached"], ["thing 0"], 10_000, protocol=cfg.data, **env["kw"])
     assert sorted(dc.rows.tolist()) == sorted(train.tolist())  # whole pool, with a note
     assert any("exceeds the pool" in n for n in dc.result.notes)
 
 
 def test_dedup_removes_planted_duplicates(env):
     cfg, ds = env["cfg"], env["ds"]
-    train = pipeline.make_splits(ds, cfg).train
+    train = make_splits(ds, cfg.data).train
     copies = env["copies"]
     assert set(copies) <= set(train.tolist())  # the copies are training pairs
-    dc = curate_dataset(None, env["names"], 10_000, cfg=cfg, dedup=0.999, log=lambda s: None)
+    dc = curate_dataset(env["cached"], env["names"], 10_000, protocol=cfg.data, dedup=0.999, **env["kw"])
     assert dc.dedup_removed == N_DUP
     assert not set(copies) & set(dc.pool.tolist())
     assert set(env["originals"]) <= set(dc.pool.tolist())  # the first occurrence survives
     assert sorted(dc.rows.tolist()) == sorted(set(train.tolist()) - set(copies))
     # without dedup the copies are candidates
-    assert set(copies) <= set(curate_dataset(None, env["names"], 10_000, cfg=cfg, log=lambda s: None).pool.tolist())
+    assert set(copies) <= set(curate_dataset(env["cached"], env["names"], 10_000, protocol=cfg.data, **env["kw"]).pool.tolist())
 
 
 def test_training_on_subset_uses_exactly_those_rows(env):
     cfg, ds, tmp = env["cfg"], env["ds"], env["tmp"]
-    dc = curate_dataset(None, env["names"], 9, cfg=cfg, fill="kmeans", out=tmp / "s.parquet", log=lambda s: None)
+    dc = curate_dataset(env["cached"], env["names"], 9, protocol=cfg.data, fill="kmeans", out=tmp / "s.parquet", **env["kw"])
     sub_cfg = load_config(overrides={**SETS, "data.dataset": str(tmp / "ds"), "data.subset": str(tmp / "s.parquet")})
-    sp = pipeline.make_splits(ds, sub_cfg)
+    sp = make_splits(ds, sub_cfg.data)
     assert sp.train.tolist() == sorted(dc.rows.tolist())
-    full = pipeline.make_splits(ds, cfg)
+    full = make_splits(ds, cfg.data)
     assert np.array_equal(sp.val, full.val) and np.array_equal(sp.test, full.test)  # eval protocol unchanged
-    cached = pipeline.cache_features(ds, load_encoder("tiny-img"), load_encoder("tiny-txt"), sub_cfg, log=lambda s: None)
-    pairs = pipeline.make_pairs(cached, sp.train)
+    pairs = make_pairs(env["cached"], sp.train, "image", "text")
     assert len(pairs) == 9
-    assert sorted(pairs.image_rows.tolist()) == sorted(cached.image_row[dc.rows].tolist())
+    assert sorted(pairs.x_flat.tolist()) == sorted(env["cached"]["image"].first_rows(dc.rows)[0].tolist())
 
 
-def test_image_prototypes_and_no_fill(env):
+def test_media_prototypes_and_no_fill(env):
     cfg, ds = env["cfg"], env["ds"]
-    train = set(pipeline.make_splits(ds, cfg).train.tolist())
-    dc = curate_dataset(None, ds, 8, cfg=cfg, prototype="image", n_examples=3, log=lambda s: None)
+    train = set(make_splits(ds, cfg.data).train.tolist())
+    dc = curate_dataset(env["cached"], ds, 8, protocol=cfg.data, prototype="media", n_examples=3, **env["kw"])
     assert len(dc.rows) == 8 and set(dc.rows.tolist()) <= train
     assert dc.result.n_fill == 0 and len(dc.result.counts) == 7  # one prototype per concept label
-    dc = curate_dataset(None, env["names"], 12, cfg=cfg, fill="none", top_k=1, log=lambda s: None)
+    dc = curate_dataset(env["cached"], env["names"], 12, protocol=cfg.data, fill="none", top_k=1, **env["kw"])
     assert len(dc.rows) <= 4 and dc.result.n_fill == 0 and set(dc.rows.tolist()) <= train
 
 
 def test_option_errors(env):
-    cfg = env["cfg"]
+    cached, names, kw = env["cached"], env["names"], env["kw"]
     with pytest.raises(CurateOptionError, match="concepts \\*dataset\\*"):
-        curate_dataset(None, env["names"], 5, cfg=cfg, prototype="image", log=lambda s: None)
+        curate_dataset(cached, names, 5, prototype="media", **kw)
     with pytest.raises(CurateOptionError, match="fill"):
-        curate_dataset(None, env["names"], 5, cfg=cfg, fill="random", log=lambda s: None)
+        curate_dataset(cached, names, 5, fill="random", **kw)
     with pytest.raises(CurateOptionError, match="budget"):
-        curate_dataset(None, env["names"], 0, cfg=cfg, log=lambda s: None)
+        curate_dataset(cached, names, 0, **kw)
 
 
 def test_cli_curate(env):
-    from unialign.cli import app
+    from unialign_cli.main import app
 
     tmp = env["tmp"]
     args = ["curate", "--data", str(tmp / "ds"), "--concepts", str(env["names"]), "--budget", "10",

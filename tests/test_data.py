@@ -1,4 +1,4 @@
-"""Offline tests of unialign.data: every builder runs on tiny inputs written here, never the network."""
+"""Offline tests of unialign_train.data: every builder runs on tiny inputs written here, never the network."""
 from __future__ import annotations
 
 import gzip
@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 
 from unialign import paths
-from unialign.data import (PairDataset, build_emoji, build_fashion_mnist, from_image_folder, from_table,
-                           load_dataset, load_image, split_concepts)
-from unialign.data import emoji as emoji_mod
-from unialign.data.fashion_mnist import CLASSES, read_idx
-from unialign.data.splits import ConceptSplit
+from unialign.media import load_image
+from unialign_train.data import (DataConfig, Dataset, build_emoji, build_fashion_mnist, from_image_folder, from_table,
+                                 load_dataset, make_splits, split_concepts)
+from unialign_train.data import emoji as emoji_mod
+from unialign_train.data.fashion_mnist import CLASSES, read_idx
 from unialign.errors import ConfigError, DataError, ImageLoadError
 
 REAL_EMOJI = paths.datasets_dir() / "emoji"  # evaluated before any test changes UNIALIGN_HOME
@@ -100,17 +100,17 @@ def test_emoji_intersection_and_captions(fake_npm):
     assert {r["style"] for r in ds.records} == {"google", "twitter", "apple", "openmoji"}
     r = ds.records[ds.column("id").index("1f600/openmoji")]
     assert r["label"] == "grinning face"
-    assert r["captions"] == ["grinning face", "grinning face: cheerful, face", "face smiling"]
+    assert r["text"] == ["grinning face", "grinning face: cheerful, face", "face smiling"]
     assert (r["category"], r["subcategory"]) == ("Smileys & Emotion", "face-smiling")
     r2 = ds.records[ds.column("id").index("263a-fe0f/google")]
     assert r2["label"] == "smiling face"
-    assert r2["captions"] == ["white smiling face", "smiling face", "smiling face: happy", "face affection"]
+    assert r2["text"] == ["white smiling face", "smiling face", "smiling face: happy", "face affection"]
     assert not any("1f3fb" in i for i in ds.column("id"))
     # OpenMoji is rasterised at the requested size with alpha kept; load_image puts it on white.
     i = ds.column("id").index("1f600/openmoji")
-    with Image.open(ds.image_path(i)) as raw:
+    with Image.open(ds.path(i)) as raw:
         assert raw.size == (64, 64) and raw.mode == "RGBA"
-    im = ds.load_image(i)
+    im = _load(ds, i)
     assert im.mode == "RGB" and im.getpixel((0, 0)) == (255, 255, 255)
     assert im.getpixel((32, 32))[2] < 100  # the yellow disc
 
@@ -138,7 +138,7 @@ def test_emoji_other_styles_and_size(fake_npm):
     ds = build_emoji(styles=("google", "twitter"), size=32)
     assert ds.concepts() == ["1f600", "263a-fe0f", "1f601", "1f602"]
     assert ds.records[-1]["label"] == "face with tears of joy"  # no OpenMoji annotation: Unicode name
-    assert ds.load_image(0).size == (32, 32)
+    assert _load(ds, 0).size == (32, 32)
     with pytest.raises(ConfigError, match="styles"):
         build_emoji(styles=("google", "microsoft"))
 
@@ -157,14 +157,14 @@ def test_strip_fe0f():
 @pytest.mark.skipif(not (REAL_EMOJI / "dataset.json").exists(), reason="real emoji set not built (build_emoji())")
 def test_real_emoji_dataset():
     t0 = time.perf_counter()
-    ds = PairDataset.load(REAL_EMOJI)
+    ds = Dataset.load(REAL_EMOJI)
     assert time.perf_counter() - t0 < 5
     styles = ds.meta["styles"]
     assert {"google", "twitter", "apple", "openmoji"} <= set(styles)
     assert len(ds.concepts()) >= 1800
     assert len(ds) == len(ds.concepts()) * len(styles)
     r = ds.records[ds.column("id").index("1f600/google")]
-    assert r["label"] == "grinning face" and ds.image_path(0).is_file()
+    assert r["label"] == "grinning face" and ds.path(0).is_file()
 
 
 # -- fashion-mnist ---------------------------------------------------------------------------------
@@ -190,8 +190,8 @@ def test_fashion_mnist_from_idx(tmp_path):
     assert len(ds) == 5 and ds.classes == CLASSES and len(CLASSES) == 10
     r = ds.records[0]
     assert (r["concept"], r["label"], r["style"], r["target"]) == ("ankle boot", "ankle boot", "photo", 9)
-    assert r["captions"] == ["a photo of a ankle boot"]
-    with Image.open(ds.image_path(2)) as im:
+    assert r["text"] == ["a photo of a ankle boot"]
+    with Image.open(ds.path(2)) as im:
         assert im.mode == "L" and np.array_equal(np.asarray(im), images[2])
     assert build_fashion_mnist("test", source=src).records == ds.records  # loads the saved one
     assert len(build_fashion_mnist("train", source=src)) == 2
@@ -227,11 +227,11 @@ def test_csv_relative_paths_empty_captions_and_bad_bytes(images):
         b"imgs/c.png,caf\xe9 au lait,coffee\n"  # Latin-1 byte: must not crash
     )
     ds = from_table(table)
-    assert len(ds) == 3 and ds.image_path(0).is_file()
-    assert ds.records[1]["captions"] == [] and ds.meta["dropped_captions"] == 1
-    assert ds.meta["replaced_bytes"] == 1 and ds.records[2]["captions"] == ["caf\ufffd au lait"]
+    assert len(ds) == 3 and ds.path(0).is_file()
+    assert ds.records[1]["text"] == [] and ds.meta["dropped_captions"] == 1
+    assert ds.meta["replaced_bytes"] == 1 and ds.records[2]["text"] == ["caf\ufffd au lait"]
     assert ds.concepts() == ["square", "coffee"] and ds.records[0]["label"] == "square"
-    assert ds.load_image(2).mode == "RGB"
+    assert _load(ds, 2).mode == "RGB"
 
 
 def test_csv_missing_column_and_missing_image(images):
@@ -254,14 +254,14 @@ def test_csv_missing_column_and_missing_image(images):
 def test_jsonl_list_captions_and_root(images, tmp_path):
     table = tmp_path / "elsewhere" / "pairs.jsonl"
     table.parent.mkdir()
-    rows = [{"path": "a.png", "captions": ["a red square", "", "red"], "label": "red square", "style": "flat"},
-            {"path": "b.png", "captions": ["another"], "label": "red square", "score": 0.5}]
+    rows = [{"path": "a.png", "text": ["a red square", "", "red"], "label": "red square", "style": "flat"},
+            {"path": "b.png", "text": ["another"], "label": "red square", "score": 0.5}]
     table.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     ds = from_table(table, root=images)
-    assert ds.records[0]["captions"] == ["a red square", "red"] and ds.meta["dropped_captions"] == 1
+    assert ds.records[0]["text"] == ["a red square", "red"] and ds.meta["dropped_captions"] == 1
     assert ds.records[0]["concept"] == "red square" and ds.records[0]["style"] == "flat"
     assert ds.records[1]["score"] == "0.5"  # extra columns kept (as text)
-    assert ds.load_image(1).size == (64, 64)
+    assert _load(ds, 1).size == (64, 64)
     ds.save(tmp_path / "saved")
     assert load_dataset(str(tmp_path / "saved")).records == ds.records
 
@@ -272,10 +272,10 @@ def test_parquet_and_caption_columns(images):
                              "title": ["a title", "t2"], "alt": ["alt text", " "],
                              "raw": pa.array([b"ok", b"bad \xff"], pa.binary())}), table)
     ds = from_table(table, caption_cols=["title", "alt"])
-    assert ds.records[0]["captions"] == ["a title", "alt text"] and ds.records[1]["captions"] == ["t2"]
+    assert ds.records[0]["text"] == ["a title", "alt text"] and ds.records[1]["text"] == ["t2"]
     assert ds.records[0]["concept"] == "a title" and ds.meta["dropped_captions"] == 1
     assert ds.meta["replaced_bytes"] == 1
-    assert load_dataset(str(table)).records[0]["captions"] == ["a title"]  # auto: the "title" column
+    assert load_dataset(str(table)).records[0]["text"] == ["a title"]  # auto: the "title" column
 
 
 def test_image_folder(tmp_path):
@@ -288,7 +288,7 @@ def test_image_folder(tmp_path):
     assert ds.classes == ["cats", "hot_dog"] and len(ds) == 3
     r = ds.records[-1]
     assert (r["concept"], r["label"], r["target"]) == ("hot_dog", "hot dog", 1)
-    assert r["captions"] == ["a photo of a hot dog"]
+    assert r["text"] == ["a photo of a hot dog"]
     assert load_dataset(str(root)).records == ds.records
     (tmp_path / "nothing" / "sub").mkdir(parents=True)
     with pytest.raises(DataError, match="no class subfolders"):
@@ -321,15 +321,37 @@ def test_split_concepts():
         split_concepts(["x", "y"])
 
 
-def test_concept_split_indices(fake_npm):
-    ds = build_emoji(styles=("google", "twitter"))
-    sp = ConceptSplit.of(ds, seed=0)
-    idx = sp.indices(ds, "test", styles=["twitter"])
-    assert len(idx) == len(sp.test) and all(ds.records[i]["style"] == "twitter" for i in idx)
-    assert sp.as_dict() == split_concepts(ds.concepts(), seed=0)
+def _protocol(**kw) -> DataConfig:
+    base = dict(dataset="emoji", train_styles=None, test_styles=None, split=(0.7, 0.1, 0.2), split_seed=0,
+                max_train_concepts=None, subset=None)
+    return DataConfig(**{**base, **kw})
+
+
+def test_splits_follow_the_datasets_own_protocol(fake_npm):
+    """The held-out style comes from the dataset's metadata (emoji: apple), not from its name; the
+    configuration overrides it; concepts never cross parts."""
+    ds = build_emoji(styles=("google", "twitter", "apple"))  # three concepts have all three
+    assert ds.meta["protocol"] == {"train_styles": ["google", "twitter"], "test_styles": ["apple"]}
+    sp = make_splits(ds, _protocol())
+    assert {ds.records[i]["style"] for i in sp.test} == {"apple"}
+    assert {ds.records[i]["style"] for i in sp.train} == {"google", "twitter"}
+    concepts = {part: {ds.records[i]["concept"] for i in getattr(sp, part)} for part in ("train", "val", "test")}
+    assert not (concepts["train"] & concepts["test"] or concepts["train"] & concepts["val"])
+    renamed = ds.subset(range(len(ds)), name="my-emoji")  # another name, the same protocol
+    assert np.array_equal(make_splits(renamed, _protocol()).test, sp.test)
+    other = make_splits(ds, _protocol(test_styles=["google"], train_styles=["twitter"]))
+    assert {ds.records[i]["style"] for i in other.test} == {"google"}
+    with pytest.raises(ConfigError, match="data.test_styles.*facebook"):
+        make_splits(ds, _protocol(test_styles=["facebook"]))
+    no_protocol = Dataset("plain", [dict(r) for r in ds.records], ds.root)
+    assert len(make_splits(no_protocol, _protocol()).test) == 3 * len(make_splits(ds, _protocol()).concepts["test"])
 
 
 # -- load_image on bad and odd files --------------------------------------------------------------------
+def _load(ds: Dataset, i: int) -> Image.Image:
+    return load_image(ds.path(i))
+
+
 def test_load_image_bad_files(tmp_path):
     zero = tmp_path / "zero.png"
     zero.write_bytes(b"")

@@ -12,9 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from unialign.align import distributed as D
-from unialign.align import train as T
-from unialign.align.data import Features, Pairs
+from unialign_train.align import distributed as D
+from unialign_train.align import loop as T
+from unialign_train.align.pairs import Pairs
+from unialign_train.features import Features
 
 WORLD = 2
 BATCH = 16
@@ -39,18 +40,18 @@ def _step(loss: str, rank: int, world: int) -> dict:
     img, txt, pairs = _data()
     cfg = _cfg(loss)
     torch.manual_seed(0)
-    model = T.build_model(cfg, img.dims, txt.dims)
-    T._fit_standardizers(model, img, txt, pairs, 0)
+    model = T.build_model(cfg, img.dims, txt.dims, ("image", "text"))
+    T._fit_standardizers(model["image"], model["text"], img, txt, pairs, 0)
     loss_fn = T.make_loss(loss)
     crit = D.GatheredLoss(loss_fn) if world > 1 else loss_fn
     items = np.arange(3, 3 + BATCH)
     draws = np.linspace(0, 0.99, BATCH)
     lb = BATCH // world
     mine = slice(rank * lb, (rank + 1) * lb)
-    x_img = torch.from_numpy(img[pairs.image_rows[items[mine]]])
-    x_txts = [torch.from_numpy(txt[pairs.caption_rows(items[mine], draws[mine], s)]) for s in range(2)]
+    x_img = torch.from_numpy(img[pairs.x_rows(items[mine], draws[mine])])
+    x_txts = [torch.from_numpy(txt[pairs.y_rows(items[mine], draws[mine], s)]) for s in range(2)]
     groups = torch.from_numpy(pairs.groups[items])
-    value, _ = T.batch_loss(model, crit, x_img, x_txts, groups, cfg, 0, world)
+    value, _ = T.batch_loss(model["image"], model["text"], crit, x_img, x_txts, groups, cfg, 0, world)
     value.backward()
     D.sync_gradients(model.parameters(), loss_fn.parameters())
     grads = {f"model.{k}": p.grad.clone() for k, p in model.named_parameters()}
@@ -89,6 +90,7 @@ def ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("loss", ["infonce", "siglip"])
 def test_gathered_loss_and_gradients_equal_full_batch(ranks, loss):
     ref = _step(loss, 0, 1)
@@ -100,6 +102,7 @@ def test_gathered_loss_and_gradients_equal_full_batch(ranks, loss):
     assert any(k.startswith("loss.") for k in ref["grads"])
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("loss,sampling", [("infonce", "chunked"), ("siglip", "global")])
 def test_two_rank_training_matches_one_process(ranks, loss, sampling):
     ref = _train(loss, sampling)

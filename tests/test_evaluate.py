@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unialign.evaluate.metrics import (class_embeddings, retrieval_chance, retrieval_scores, topk_indices,
-                                       zero_shot_chance, zero_shot_scores)
-from unialign.evaluate.report import markdown_table, record, write_results
-from unialign.evaluate.templates import get_templates
+from unialign.results import markdown_table, record, result_name, write_results
+from unialign.search import build_index, topk
+from unialign.zeroshot import get_templates, zero_shot_classifier
+from unialign_train.evaluate.metrics import retrieval_chance, retrieval_scores, zero_shot_chance, zero_shot_scores
+
+from conftest import chunk_size
 
 
 def test_zero_shot_scores_by_hand():
@@ -25,10 +27,19 @@ def test_zero_shot_scores_by_hand():
     assert s["mean_per_class_recall"] == pytest.approx((1 + 1 + 0.5) / 3)
 
 
-def test_class_embeddings_average_normalised_templates():
-    per_t = torch.tensor([[[2.0, 0.0], [0.0, 1.0]]])  # one class, two templates of different norms
-    w = class_embeddings(per_t)
-    assert torch.allclose(w, F.normalize(torch.tensor([[1.0, 1.0]]), dim=-1))
+def test_zero_shot_classifier_averages_normalised_templates():
+    table = {"a x": [2.0, 0.0], "b x": [0.0, 1.0], "a y": [0.0, 3.0], "b y": [0.0, 3.0]}
+    seen = []
+
+    def encode(prompts):  # two templates of different norms per class
+        seen.extend(prompts)
+        return np.asarray([table[p] for p in prompts])
+
+    w = zero_shot_classifier(encode, ["x", "y"], ["a {}", "b {}"])
+    assert seen == ["a x", "b x", "a y", "b y"]  # class-major, every template
+    torch.testing.assert_close(w, torch.tensor([[2 ** -0.5, 2 ** -0.5], [0.0, 1.0]]))
+    with pytest.raises(ValueError):
+        zero_shot_classifier(encode, [], ["a {}"])
 
 
 def test_retrieval_with_several_captions():
@@ -56,15 +67,27 @@ def test_chance_levels_match_simulation():
     assert zero_shot_chance([0, 1], 400)["acc1"] == pytest.approx(1 / 400)
 
 
-def test_topk_chunked_equals_full():
+@pytest.mark.numerics
+def test_topk_chunked_and_faiss_agree_with_full():
+    """The one top-k: chunked torch and an exact FAISS index find the same neighbours as one full matmul
+    (random scores: no ties), with scores equal to float32 rounding."""
+    torch.manual_seed(0)
     q, k = torch.randn(37, 5), torch.randn(23, 5)
-    assert torch.equal(topk_indices(q, k, 4, chunk=5), torch.topk(q @ k.T, 4).indices)
+    ref_s, ref_i = torch.topk(q @ k.T, 4)
+    s, i = topk(q, k, 4, chunk=chunk_size(5))
+    assert torch.equal(i, ref_i)
+    torch.testing.assert_close(s, ref_s, rtol=1e-5, atol=1e-6)
+    index, info = build_index(k.numpy(), "flat")
+    s2, i2 = topk(q, None, 4, index=index)
+    assert info["kind"] == "flat" and torch.equal(i2, ref_i)
+    torch.testing.assert_close(s2, ref_s, rtol=1e-5, atol=1e-5)
 
 
 def test_report_is_clip_benchmark_shaped(tmp_path):
     r = record("emoji-test", "m", "runs/x", "zeroshot_classification", {"acc1": 0.2, "acc5": 0.4, "mean_per_class_recall": 0.2},
                {"acc1": 0.01, "acc5": 0.05, "mean_per_class_recall": 0.01})
     paths = write_results(tmp_path, [r])
+    assert paths[0].name == "emoji-test_x_m_en_zeroshot_classification.json" == result_name(r)  # CB's file names
     data = json.loads(paths[0].read_text())
     assert {"dataset", "model", "pretrained", "task", "metrics", "language"} <= set(data)
     table = markdown_table([r])

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import unialign
-from unialign.data.base import PairDataset
+from unialign.media import load_image
+from unialign_train.data.records import Dataset
 
 from tiny import register_tiny
 
@@ -22,7 +23,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), 
            "pink": (250, 160, 190), "navy": (10, 20, 100), "olive": (110, 120, 20), "teal": (20, 120, 120)}
 
 
-def make_colour_dataset(folder: Path, styles: int = 3) -> PairDataset:
+def make_colour_dataset(folder: Path, styles: int = 3) -> Dataset:
     """One concept per colour, one noisy 10x10 image per (concept, style), two captions each."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -32,15 +33,15 @@ def make_colour_dataset(folder: Path, styles: int = 3) -> PairDataset:
             arr = np.clip(np.asarray(rgb)[None, None] + rng.normal(0, 25, (10, 10, 3)), 0, 255).astype(np.uint8)
             p = folder / f"{name}_{s}.png"
             Image.fromarray(arr).save(p)
-            recs.append({"id": f"{name}/{s}", "image": p.name, "captions": [f"{name}", f"a {name} square"],
+            recs.append({"id": f"{name}/{s}", "image": p.name, "text": [f"{name}", f"a {name} square"],
                          "concept": f"c{ci}", "label": name, "style": f"s{s}", "category": "warm" if ci % 2 else "cool"})
-    return PairDataset("colours", recs, folder)
+    return Dataset("colours", recs, folder)
 
 
 def tiny_run(tmp: Path, recipe: str = "linear", monkeypatch: pytest.MonkeyPatch | None = None) -> dict:
     """A whole `unialign run` on tiny encoders (milliseconds of compute) into ``tmp / 'run'``."""
-    from unialign.config import load_config
-    from unialign.pipeline import run
+    from unialign_train.config import load_config
+    from unialign_train.pipeline import run
 
     register_tiny()
     if monkeypatch is not None:
@@ -48,8 +49,8 @@ def tiny_run(tmp: Path, recipe: str = "linear", monkeypatch: pytest.MonkeyPatch 
     ds_dir = tmp / "colours-ds"
     make_colour_dataset(tmp / "colours-img").save(ds_dir)
     over = {"data.dataset": str(ds_dir), "data.split": [0.4, 0.2, 0.4], "encoders.image": "tiny-image",
-            "encoders.text": "tiny-text", "encoders.dtype": "float32", "encoders.num_workers": 0,
-            "eval.fashion_mnist": False, "eval.templates": "emoji", "recipe": recipe, "output": str(tmp / "run"),
+            "encoders.text": "tiny-text", "extract.dtype": "float32", "extract.num_workers": 0,
+            "eval.zero_shot_sets": {}, "eval.templates": "emoji", "recipe": recipe, "output": str(tmp / "run"),
             "name": "tiny"}
     if recipe in ("linear", "mlp"):
         over.update({"train.max_steps": 40, "train.eval_every": 10, "train.batch_size": 8, "train.dim": 8})
@@ -101,21 +102,21 @@ def cb_run_classification(model, classifier, dataloader, device, amp=False):
 class ImageDataset(torch.utils.data.Dataset):
     """(preprocessed image, label) pairs, as torchvision datasets give CLIP_benchmark."""
 
-    def __init__(self, ds: PairDataset, indices, labels, transform):
+    def __init__(self, ds: Dataset, indices, labels, transform):
         self.ds, self.indices, self.labels, self.transform = ds, list(indices), list(labels), transform
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, j: int):
-        return self.transform(self.ds.load_image(self.indices[j])), self.labels[j]
+        return self.transform(load_image(self.ds.path(self.indices[j]))), self.labels[j]
 
 
 def test_open_clip_loop_matches_unialign_evaluation(tmp_path, monkeypatch):
-    from unialign.config import load_config
-    from unialign.data import load_dataset
-    from unialign.evaluate.templates import get_templates
-    from unialign.pipeline import make_splits
+    from unialign_train.config import load_config
+    from unialign_train.data import load_dataset
+    from unialign.zeroshot import get_templates
+    from unialign_train.pipeline import make_splits
 
     out = tiny_run(tmp_path, monkeypatch=monkeypatch)
     ours = next(r for r in out["records"] if r["task"] == "zeroshot_classification")
@@ -127,7 +128,7 @@ def test_open_clip_loop_matches_unialign_evaluation(tmp_path, monkeypatch):
     # the test split, as the pipeline made it: concepts in first-appearance order, labels by concept
     cfg = load_config(None, {"data.dataset": str(tmp_path / "colours-ds"), "data.split": [0.4, 0.2, 0.4]})
     ds = load_dataset(cfg.data.dataset)
-    test = make_splits(ds, cfg).test
+    test = make_splits(ds, cfg.data).test
     concepts = list(dict.fromkeys(ds.records[i]["concept"] for i in test))
     classnames = [ds.concept_labels()[c] for c in concepts]
     labels = [concepts.index(ds.records[i]["concept"]) for i in test]
@@ -141,7 +142,7 @@ def test_open_clip_loop_matches_unialign_evaluation(tmp_path, monkeypatch):
     assert acc5 == pytest.approx(ours["metrics"]["acc5"], abs=1e-6)  # float32 mean vs exact count: same hits
 
     # the same numbers through AlignedModel.classify on the raw PIL images
-    ranked = model.aligned.classify([ds.load_image(i) for i in test], classnames, templates="emoji")
+    ranked = model.classify([load_image(ds.path(i)) for i in test], classnames, templates="emoji")
     hits = [r[0][0] == classnames[y] for r, y in zip(ranked, labels)]
     assert np.mean(hits) == pytest.approx(acc1, abs=1e-6)  # float32 mean vs exact count: same hits
 
@@ -161,11 +162,11 @@ def test_open_clip_contract_shapes_and_scale(tmp_path, monkeypatch):
     assert not torch.allclose(img.norm(dim=-1), torch.ones(2))  # unnormalised by default, as open_clip
     assert torch.allclose(img_n, F.normalize(img, dim=-1)) and torch.allclose(a, img_n)
     assert torch.allclose(b, F.normalize(txt, dim=-1), atol=1e-6)
-    assert scale.item() == pytest.approx(model.aligned.logit_scale, rel=1e-5)
+    assert scale.item() == pytest.approx(float(model.logit_scale.exp()), rel=1e-6)
     assert not model.logit_scale.requires_grad
-    # identical to AlignedModel's own (normalised) embeddings
-    ref = model.aligned.encode_text(["red", "a blue square", "x"], convert_to_numpy=False)
-    assert torch.allclose(b, ref, atol=1e-6)
+    # the sentence-transformers front end gives the same (normalised) embeddings
+    ref = model.encode(["red", "a blue square", "x"], convert_to_tensor=True, normalize_embeddings=True)
+    torch.testing.assert_close(b, ref, rtol=1e-5, atol=1e-6)
     assert model.to("cpu") is model and model.eval() is model
 
 
@@ -174,8 +175,8 @@ def test_closed_form_model_through_open_clip_interface(tmp_path, monkeypatch):
     model, preprocess, tokenizer = unialign.create_model_and_transforms(out["model_dir"], device="cpu")
     with torch.no_grad():
         txt = model.encode_text(tokenizer(["red", "green"]), normalize=True)
-    ref = model.aligned.encode_text(["red", "green"], convert_to_numpy=False)
-    assert torch.allclose(txt, ref, atol=1e-5)
+    ref = model.encode(["red", "green"], convert_to_tensor=True, normalize_embeddings=True)
+    torch.testing.assert_close(txt, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_real_clip_benchmark_if_installed(tmp_path, monkeypatch):
@@ -192,9 +193,9 @@ def test_real_clip_benchmark_if_installed(tmp_path, monkeypatch):
 # --- sentence-transformers export of the text tower ------------------------------------------------------
 def _st_model(tmp: Path, head: str, text_layers: list[str]):
     """A saved model: tiny image tower + the packaged MiniLM with a random (but fitted-looking) head."""
-    from unialign.align.heads import HeadPair
     from unialign.encoders import load_encoder
     from unialign.model import AlignedModel
+    from unialign.projections import Tower
 
     from tiny import TinyImageEncoder
 
@@ -203,12 +204,12 @@ def _st_model(tmp: Path, head: str, text_layers: list[str]):
     in_dim = sum(txt.layer_dims[l] for l in text_layers)
     opts = {"layer_dims": [txt.layer_dims[l] for l in text_layers], "width": 32} if head == "layermix" else {}
     torch.manual_seed(0)
-    heads = HeadPair.build("linear", 12, in_dim, 16, text_kind=head, text_options=opts)
+    towers = {"image": Tower("linear", 12, 16), "text": Tower(head, in_dim, 16, opts)}
     with torch.no_grad():  # non-trivial standardisation, as fitted heads have
-        heads.text.standardize.mean.normal_(0, 0.05)
-        heads.text.standardize.std.uniform_(0.02, 0.2)
-    m = AlignedModel(TinyImageEncoder(), txt, heads, text_layers=text_layers, logit_scale=20.0)
-    return m.save(tmp / f"model-{head}")
+        towers["text"].standardize.mean.normal_(0, 0.05)
+        towers["text"].standardize.std.uniform_(0.02, 0.2)
+    m = AlignedModel({"image": TinyImageEncoder(), "text": txt}, towers, {"text": text_layers}, logit_scale=20.0)
+    return m.save_pretrained(tmp / f"model-{head}")
 
 
 TEXTS = ["grinning face", "a rocket", "an emoji of a red apple.", "x", "a much longer caption " * 12]
@@ -220,7 +221,7 @@ def test_export_sentence_transformers_reproduces_text_embeddings(tmp_path, head,
     from typer.testing import CliRunner
     from sentence_transformers import SentenceTransformer
 
-    from unialign.cli import app
+    from unialign_cli.main import app
     from unialign.model import AlignedModel
 
     model_dir = _st_model(tmp_path, head, layers)
@@ -229,7 +230,7 @@ def test_export_sentence_transformers_reproduces_text_embeddings(tmp_path, head,
                                    "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert (out / "modules.json").exists() and (out / "unialign_export.json").exists()
-    ref = AlignedModel.load(model_dir, device="cpu").encode_text(TEXTS)
+    ref = AlignedModel.from_pretrained(model_dir, device="cpu").encode(TEXTS, normalize_embeddings=True)
     # a linear head on the final embedding becomes a plain Dense: no unialign code needed to load it
     st = SentenceTransformer(str(out), device="cpu", trust_remote_code=not plain)
     emb = st.encode(TEXTS, batch_size=2)
@@ -244,7 +245,7 @@ def test_export_sentence_transformers_reproduces_text_embeddings(tmp_path, head,
 def test_export_refuses_what_it_cannot_reproduce(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from unialign.cli import app
+    from unialign_cli.main import app
 
     out = tiny_run(tmp_path, recipe="procrustes", monkeypatch=monkeypatch)
     res = CliRunner().invoke(app, ["export", "--model", out["model_dir"], "--out", str(tmp_path / "x")])

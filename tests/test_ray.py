@@ -9,8 +9,11 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from tiny import TinyImageEncoder, TinyTextEncoder, make_image_dataset  # noqa: E402
-from unialign.features import extract as ex  # noqa: E402
-from unialign.features.extract import extract  # noqa: E402
+import importlib  # noqa: E402
+
+from unialign_train.features import extract, shards  # noqa: E402
+
+ex = importlib.import_module("unialign_train.features.extract")  # the module (the package exports the function)
 
 HERE = Path(__file__).parent
 
@@ -50,22 +53,22 @@ def test_ray_resume_skips_complete_shards(tmp_path, ray_local):
     enc = TinyImageEncoder()
     key = ex.store_key(ds, enc, ["final"], "float16", 4)
     ex._claim(out, key, overwrite=False)
-    ex.encode_shards(out, key, ex._items(ds, enc), enc, [0, 2], 2, 0, False)
+    shards.encode_shards(out, key, ex._items(ds, "image"), enc, [0, 2], 2, 0, False)
     before = {p.name: p.stat().st_mtime_ns for p in (out / "img_emb").glob("*.npy")}
     assert sorted(before) == ["img_emb_00000.npy", "img_emb_00002.npy"]
     seen = []
-    orig = ex._shard_done
+    orig = ex.shard_done
 
     def spy(root, shard):
         done = orig(root, shard)
         seen.append((shard, done))
         return done
 
-    ex._shard_done = spy
+    ex.shard_done = spy
     try:
         store = extract(ds, TinyImageEncoder(), out, executor="ray", **kw)
     finally:
-        ex._shard_done = orig
+        ex.shard_done = orig
     assert [s for s, done in seen if not done] == [1, 3, 4]
     after = {p.name: p.stat().st_mtime_ns for p in (out / "img_emb").glob("*.npy")}
     assert all(after[k] == v for k, v in before.items())  # complete shards were not rewritten

@@ -11,8 +11,8 @@ from PIL import Image
 from tiny import TinyImageEncoder, TinyTextEncoder, make_image_dataset
 from unialign.encoders import load_encoder, register_encoder
 from unialign.errors import ConfigError
-from unialign.select.probe import alignment_probe, probe, split_rows
-from unialign.select.selection import (
+from unialign_train.align.probe import alignment_probe, probe, split_rows
+from unialign_train.select.selection import (
     Selection,
     auto_layers,
     rank_rows,
@@ -21,6 +21,7 @@ from unialign.select.selection import (
     run_command,
     score_grid,
     select,
+    select_metrics,
 )
 
 
@@ -91,8 +92,9 @@ def test_probe_is_deterministic_and_a_metric():
     X, Y, g = _aligned(n=120)
     a = probe(X, Y, g, steps=30, seed=3)
     b = probe(X, Y, g, steps=30, seed=3)
-    assert a == b
-    assert 0.0 <= a <= 1.0
+    assert a == b  # the same seed, the same run: bit-identical
+    assert a == alignment_probe(X, Y, g, steps=30, seed=3).score  # the metric is the probe's score
+    assert "probe" in select_metrics()  # importing the probe registered it with the selection stage
 
 
 def test_split_rows_keeps_groups_whole():
@@ -139,8 +141,11 @@ def test_score_grid_ranks_the_aligned_layer_first():
 def test_run_command_is_shell_quoted():
     cmd = run_command({"image": "effnet-lite0?image_size=128", "image_layer": "block14",
                        "text": "st:all-MiniLM-L6-v2", "text_layer": "final"})
-    assert cmd == ("unialign run --set 'encoders.image=effnet-lite0?image_size=128' --set 'encoders.image_layers=[block14]' "
-                   "--set encoders.text=st:all-MiniLM-L6-v2 --set 'encoders.text_layers=[final]'")
+    assert cmd == ("unialign run --set 'encoders.image=effnet-lite0?image_size=128' --set 'layers.image=[block14]' "
+                   "--set encoders.text=st:all-MiniLM-L6-v2 --set 'layers.text=[final]'")
+    audio = run_command({"audio": "x", "audio_layer": "final", "text": "y", "text_layer": "final"}, "speech.csv",
+                        ("audio", "text"))
+    assert audio.startswith("unialign run --set data.dataset=speech.csv --set 'align=[audio,text]' --set encoders.audio=x")
 
 
 # -------------------------------------------------------------------------------------- selection
@@ -182,7 +187,7 @@ def test_select_end_to_end_on_tiny_encoders(tiny_ds, home):
     b = sel.best
     assert rep["best"]["image"] == b["image"] and rep["best"]["image_layer"] == b["image_layer"]
     assert rep["best"]["text"] == "tinytxt16" and rep["primary"] == "mutual_knn"
-    assert rep["command"].startswith("unialign run --set ") and f"encoders.image_layers=[{b['image_layer']}]" in rep["command"]
+    assert rep["command"].startswith("unialign run --set ") and f"layers.image=[{b['image_layer']}]" in rep["command"]
     assert len(rep["rows"]) == 4 and rep["layers"]["image"]["tinyimg20"] == ["hidden", "final"]
 
     # a rerun reuses the feature stores and gives the same ranking
@@ -205,7 +210,7 @@ def test_select_mean_captions_and_errors(tiny_ds):
 def test_cli_help_and_run(tiny_ds, home):
     from typer.testing import CliRunner
 
-    from unialign.cli import app
+    from unialign_cli.main import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["select", "--help"])

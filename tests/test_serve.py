@@ -13,14 +13,14 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from unialign.align.heads import HeadPair  # noqa: E402
 from unialign.encoders import register_encoder  # noqa: E402
 from unialign.errors import UnialignError  # noqa: E402
 from unialign.model import AlignedModel  # noqa: E402
-from unialign.serve.app import Limits, create_app  # noqa: E402
-from unialign.serve.index import ImageIndex, build_index, make_faiss_index  # noqa: E402
+from unialign_serve.app import Limits, create_app  # noqa: E402
+from unialign.search import build_index as make_faiss_index  # noqa: E402
+from unialign_serve.index import ImageIndex, build_index  # noqa: E402
 
-from tiny import TinyImageEncoder, TinyTextEncoder, make_image_dataset  # noqa: E402
+from tiny import TinyImageEncoder, TinyTextEncoder, make_image_dataset, tiny_model  # noqa: E402
 
 register_encoder("tiny-image", lambda name, device, **kw: TinyImageEncoder(), "tiny-image")
 register_encoder("tiny-text", lambda name, device, **kw: TinyTextEncoder(), "tiny-text")
@@ -38,12 +38,7 @@ def png_bytes(size: tuple[int, int] = (20, 20), color: tuple[int, int, int] = (2
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(0)
-    img, txt = TinyImageEncoder(), TinyTextEncoder()
-    heads = HeadPair.build("linear", img.dim, txt.dim, 8)
-    heads.image.standardize.fit(torch.randn(50, img.dim) * 3)
-    heads.text.standardize.fit(torch.rand(50, txt.dim) * 2)
-    model_dir = AlignedModel(img, txt, heads).save(root / "model")
+    model_dir = tiny_model(root / "model")
     images = root / "images"
     make_image_dataset(images, n=30)
     index_dir = build_index(model_dir, str(images), root / "index", store=root / "store", num_workers=0,
@@ -77,7 +72,7 @@ def test_index_folder_explains_itself(built: dict) -> None:
 
 
 def test_index_search_finds_an_indexed_image_first(built: dict) -> None:
-    model, idx = AlignedModel.load(built["model"]), ImageIndex.load(built["index"])
+    model, idx = AlignedModel.from_pretrained(built["model"]), ImageIndex.load(built["index"])
     q = model.encode_image([built["images"] / "img_007.png"])
     hits = idx.search(q, k=3)[0]
     assert hits[0].id == "img_007.png" and hits[0].score == pytest.approx(1.0, abs=1e-4)
@@ -112,7 +107,7 @@ def test_auto_kind_switches_above_threshold() -> None:
 def test_index_command(built: dict, tmp_path) -> None:
     from typer.testing import CliRunner
 
-    from unialign.cli import app
+    from unialign_cli.main import app
 
     r = CliRunner().invoke(app, ["index", "--model", str(built["model"]), "--images", str(built["images"]),
                                  "--out", str(tmp_path / "ix"), "--store", str(built["root"] / "store"), "--workers", "0"])
@@ -138,11 +133,11 @@ def test_unknown_index_dir_is_a_clear_startup_error(built: dict, tmp_path) -> No
 
 
 def test_serve_command_reports_unknown_model_in_one_line(tmp_path, monkeypatch, capsys) -> None:
-    from unialign import cli
+    from unialign_cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["unialign", "serve", "--model", str(tmp_path / "nope")])
     with pytest.raises(SystemExit) as e:
-        cli.main()
+        main()
     assert e.value.code == 1
     assert "does not exist" in capsys.readouterr().err
 
@@ -300,7 +295,7 @@ def test_without_index_search_says_so(built: dict) -> None:
 
 def test_lru_peek_counts_as_a_use():
     """A class row read through ``peek`` on every request must not be evicted as if unused."""
-    from unialign.serve.app import _LRU
+    from unialign_serve.app import _LRU
 
     cache = _LRU(2)
     cache.get("hot", lambda: 1)

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from unialign.data.base import PairDataset
-from unialign.encoders.base import FINAL, Encoder
+from unialign.encoders.base import FINAL, Encoder, ImageLoader
+from unialign_train.data import Dataset
 
 
 class _Prep:
@@ -22,16 +22,18 @@ class _Prep:
 class TinyImageEncoder(Encoder):
     """A fixed random linear map of 8x8 RGB pixels, with one intermediate "layer"."""
 
-    def __init__(self, dim: int = 12):
-        g = torch.Generator().manual_seed(0)
-        self.w1 = torch.randn(192, 24, generator=g)
-        self.w2 = torch.randn(24, dim, generator=g)
-        self.spec, self.modality, self.dim, self.version = "tiny-image", "image", dim, "1"
-        self.layer_dims = {FINAL: dim, "hidden": 24}
-        self.device = torch.device("cpu")
+    modality = "image"
 
-    def preprocess(self) -> Any:
-        return _Prep()
+    def __init__(self, dim: int = 12):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("w1", torch.randn(192, 24, generator=g))
+        self.register_buffer("w2", torch.randn(24, dim, generator=g))
+        self.spec, self.dim, self.version = "tiny-image", dim, "1"
+        self.layer_dims = {FINAL: dim, "hidden": 24}
+
+    def loader(self) -> Any:
+        return ImageLoader(_Prep())
 
     def forward(self, batch: torch.Tensor, layers: Sequence[str] = (FINAL,)) -> dict[str, torch.Tensor]:
         h = torch.tanh(batch.flatten(1) @ self.w1)
@@ -42,10 +44,12 @@ class TinyImageEncoder(Encoder):
 class TinyTextEncoder(Encoder):
     """Bag of character trigrams hashed into ``dim`` buckets."""
 
+    modality = "text"
+
     def __init__(self, dim: int = 16):
-        self.spec, self.modality, self.dim, self.version = "tiny-text", "text", dim, "1"
+        super().__init__()
+        self.spec, self.dim, self.version = "tiny-text", dim, "1"
         self.layer_dims = {FINAL: dim}
-        self.device = torch.device("cpu")
 
     def forward(self, batch: Sequence[str], layers: Sequence[str] = (FINAL,)) -> dict[str, torch.Tensor]:
         out = torch.zeros(len(batch), self.dim)
@@ -55,7 +59,7 @@ class TinyTextEncoder(Encoder):
         return {FINAL: out}
 
 
-def make_image_dataset(folder: Path, n: int = 40, bad: dict[int, str] | None = None) -> PairDataset:
+def make_image_dataset(folder: Path, n: int = 40, bad: dict[int, str] | None = None) -> Dataset:
     """``n`` small coloured PNGs with two captions each; ``bad`` maps index -> kind of corruption."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -72,14 +76,29 @@ def make_image_dataset(folder: Path, n: int = 40, bad: dict[int, str] | None = N
             p.write_text("not an image")
         elif kind == "missing":
             p.unlink()
-        recs.append({"id": str(i), "image": p.name, "captions": [f"thing {i % 7}", f"caption number {i}"],
+        recs.append({"id": str(i), "image": p.name, "text": [f"thing {i % 7}", f"caption number {i}"],
                      "concept": f"c{i % 7}", "label": f"thing {i % 7}", "style": "s" + str(i % 2)})
-    return PairDataset("tiny", recs, folder)
+    return Dataset("tiny", recs, folder)
 
 
 def register_tiny() -> None:
-    """Make the tiny encoders loadable by spec ("tiny-image", "tiny-text"), e.g. by AlignedModel.load."""
+    """Make the tiny encoders loadable by spec ("tiny-image", "tiny-text"), e.g. by AlignedModel.from_pretrained."""
     from unialign.encoders import register_encoder
 
     register_encoder("tiny-image", lambda name, device=None, **o: TinyImageEncoder(), "tiny-image")
     register_encoder("tiny-text", lambda name, device=None, **o: TinyTextEncoder(), "tiny-text")
+
+
+def tiny_model(folder: Path, out_dim: int = 8, seed: int = 0) -> Path:
+    """A saved AlignedModel of the tiny encoders with linear towers (random, standardised as fitted
+    heads are), for tests of what uses a model: index, server, export, faults."""
+    from unialign.model import AlignedModel
+    from unialign.projections import Tower
+
+    register_tiny()
+    torch.manual_seed(seed)
+    img, txt = TinyImageEncoder(), TinyTextEncoder()
+    towers = {"image": Tower("linear", img.dim, out_dim), "text": Tower("linear", txt.dim, out_dim)}
+    towers["image"].standardize.fit(torch.randn(50, img.dim) * 3)
+    towers["text"].standardize.fit(torch.rand(50, txt.dim) * 2)
+    return AlignedModel({"image": img, "text": txt}, towers).save_pretrained(folder)

@@ -70,6 +70,7 @@ class AlignedModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(float(logit_scale))), requires_grad=False)
         self.info = dict(info or {})
         self.to(next(iter(self.encoders.values())).device)
+        self.eval()  # built from fitted projections: ready for inference (train() re-enables dropout)
 
     # -- what it holds ------------------------------------------------------------------------------
     @property
@@ -121,6 +122,7 @@ class AlignedModel(nn.Module):
         text, PIL images and image paths (``pathlib.Path``) images). A single input gives a 1-D result.
         ``convert_to_tensor`` returns a torch tensor (on ``device`` if given) and wins over
         ``convert_to_numpy``; ``normalize_embeddings`` L2-normalises, so dot products are cosines."""
+        self.eval()  # as sentence-transformers' encode: inference is never stochastic
         single = _is_single(inputs, modality)
         items = [inputs] if single else list(inputs)
         m = modality or self.infer_modality(items[0] if items else "")
@@ -266,7 +268,11 @@ class AlignedModel(nn.Module):
             state = load_file(str(weights))
         except Exception as e:  # safetensors raises its own error types for a damaged file
             raise UnialignError(f"{folder}: {WEIGHTS_NAME} is not readable ({_last_line(e)})") from None
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # tensors of other shapes: the weights of another model
+            raise UnialignError(f"{folder}: {WEIGHTS_NAME} does not match {CONFIG_NAME} "
+                                f"({' '.join(str(e).split())[:300]})") from None
         missing = [k for k in missing if not k.startswith("encoders.")]
         if missing or unexpected:
             raise UnialignError(f"{folder}: {WEIGHTS_NAME} does not match {CONFIG_NAME} (missing {missing[:3]}, "

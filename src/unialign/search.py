@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import ConfigError
+
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
 HNSW_THRESHOLD = 100_000  # kind="auto": exact below this many vectors, HNSW from here on
 
@@ -69,7 +71,7 @@ def build_index(vectors: Any, kind: str = "auto", *, threshold: int = HNSW_THRES
     import faiss
 
     if kind not in INDEX_KINDS:
-        raise ValueError(f"unknown index kind {kind!r}; choose one of {list(INDEX_KINDS)}")
+        raise ConfigError(f"unknown index kind {kind!r}; choose one of {list(INDEX_KINDS)}")
     x = _f32(vectors)
     n, d = x.shape
     if kind == "auto":

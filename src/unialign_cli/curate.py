@@ -36,9 +36,11 @@ def curate_command(
     from unialign.encoders import load_encoder
     from unialign.errors import ConfigError
     from unialign_train.curate import curate_dataset, report_path
+    from unialign_train.curate.dataset import check_options
     from unialign_train.data import load_dataset
     from unialign_train.features import cache_features
 
+    check_options(budget, prototype, fill, dedup)  # before any data or feature is loaded
     cfg = load_run_config(config, set_, **({"data.dataset": data} if data else {}))
     if "text" not in cfg.align:
         raise ConfigError(f"curate needs a text side; align is {list(cfg.align)}")

@@ -159,8 +159,9 @@ def create_app(model_dir: str | Path, index_dir: str | Path | None = None, limit
                device: str | None = None) -> FastAPI:
     """Load the model (and index) and build the app. Raises :class:`UnialignError` with a clear message
     for a missing or invalid model or index folder, or an index built with another model."""
-    from ..evaluate.templates import TEMPLATES, get_templates
     from unialign.model import AlignedModel
+    from unialign.zeroshot import TEMPLATES, get_templates
+
     from .index import ImageIndex
 
     limits = limits or Limits()

@@ -86,14 +86,14 @@ def build_index(model: Any, images: str | Any, out: str | Path, *, kind: str = "
                 overwrite: bool = False, show_progress: bool = True, log: Any = None) -> "ImageIndex":
     """Embed a collection with ``model`` (an :class:`AlignedModel` or its folder) into an index folder.
 
-    ``images`` is a dataset spec / image folder, or a PairDataset. Features go through the resumable
+    ``images`` is a dataset spec / image folder, or a Dataset. Features go through the resumable
     feature store (``store``, default under ``$UNIALIGN_HOME/features``): an interrupted run resumes,
     and a rerun reuses the cached features.
     """
     import faiss
 
-    from ..features.extract import extract
     from unialign.model import AlignedModel
+    from unialign_train.features import extract
 
     _check_kind(kind)  # before the expensive part: loading the model and extracting every image
     log = log or (lambda *_: None)

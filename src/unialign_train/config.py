@@ -74,7 +74,7 @@ class RunConfig(BaseModel):
                 raise ConfigError(f"encoders.{m}: required, since align is {list(self.align)}")
         for m, layers in self.layers.items():
             if not layers:
-                raise ConfigError(f"layers.{m}: give at least one layer, e.g. [final]")
+                raise ConfigError(f"layers.{m}: give at least one layer, e.g. [final] (got [])")
         recipe = get_recipe(self.recipe)
         if recipe.trained:
             train_config(recipe, self.train)

@@ -48,7 +48,7 @@ class UnialignTextHead(Module):
         from unialign.projections import Tower
 
         self.tower, self.layers = dict(tower), list(layers or ["final"])
-        self.net = Tower.from_config(self.tower)
+        self.net = Tower(**self.tower)
 
     def forward(self, features: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         from unialign.encoders.st import layer_features

@@ -149,12 +149,16 @@ class ImageLoader:
     transform: Callable[[Image.Image], torch.Tensor]
 
     def __call__(self, item: Any) -> torch.Tensor:
+        from ..errors import DataError
         from ..media import load_image, to_rgb
 
         if isinstance(item, (str, bytes, os.PathLike)):
             img = load_image(item)
+        elif isinstance(item, Image.Image):
+            img = item if item.mode == "RGB" else to_rgb(item)
         else:
-            img = item if getattr(item, "mode", "RGB") == "RGB" else to_rgb(item)
+            raise DataError(f"an image input is a file path, bytes, a PIL image or a batch of preprocessed pixels; "
+                            f"got a {type(item).__name__}")
         return self.transform(img)
 
 

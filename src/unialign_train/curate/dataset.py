@@ -30,7 +30,7 @@ from ..features.cache import Cached
 from .concepts import CurateInputError, CurateOptionError, CurationResult, curate, report_path
 from .dedup import dedup_pairs
 
-__all__ = ["DatasetCuration", "concept_names", "curate_dataset", "media_prototypes", "pool_features", "text_prototypes"]
+__all__ = ["DatasetCuration", "check_options", "concept_names", "curate_dataset", "media_prototypes", "pool_features", "text_prototypes"]
 
 Log = Callable[[str], None]
 PROTOTYPES = ("text", "media")
@@ -190,6 +190,20 @@ class DatasetCuration:
         return self.path
 
 
+def check_options(budget: int, prototype: str, fill: str | None, dedup: float | None) -> str | None:
+    """Validate the options of :func:`curate_dataset` (before any feature is loaded); the fill to use."""
+    if prototype not in PROTOTYPES:
+        raise CurateOptionError(f"prototype must be one of {list(PROTOTYPES)}, got {prototype!r}")
+    fill = None if fill in (None, "none") else fill
+    if fill is not None and fill not in FILLS:
+        raise CurateOptionError(f"fill must be one of {list(FILLS)}, got {fill!r}")
+    if budget is None or int(budget) < 1:
+        raise CurateOptionError(f"budget must be >= 1, got {budget}")
+    if dedup is not None and not 0.0 < float(dedup) <= 1.0:
+        raise CurateOptionError(f"dedup must be a cosine threshold in (0, 1], got {dedup}")
+    return fill
+
+
 def curate_dataset(
     cached: Cached,
     concepts: "str | Path | Sequence[str] | Dataset",
@@ -230,15 +244,7 @@ def curate_dataset(
     :func:`~unialign_train.curate.curate`. Saves to ``out`` when given. Returns a
     :class:`DatasetCuration` whose rows are dataset indices.
     """
-    if prototype not in PROTOTYPES:
-        raise CurateOptionError(f"prototype must be one of {list(PROTOTYPES)}, got {prototype!r}")
-    fill = None if fill in (None, "none") else fill
-    if fill is not None and fill not in FILLS:
-        raise CurateOptionError(f"fill must be one of {list(FILLS)}, got {fill!r}")
-    if budget is None or int(budget) < 1:
-        raise CurateOptionError(f"budget must be >= 1, got {budget}")
-    if dedup is not None and not 0.0 < float(dedup) <= 1.0:
-        raise CurateOptionError(f"dedup must be a cosine threshold in (0, 1], got {dedup}")
+    fill = check_options(budget, prototype, fill, dedup)
     ds = cached.dataset
     if "text" not in cached or media not in cached:
         raise CurateInputError(f"{ds.name}: curation needs cached text and {media} features")

@@ -92,16 +92,16 @@ def from_table(
     concept_c = pick(concept_col, CONCEPT_NAMES, "concept")
     label_c = pick(label_col, LABEL_NAMES, "label")
     style_c = pick(style_col, STYLE_NAMES, "style")
-    cap_cs = _caption_columns(path, columns, caption_cols)
-    if not cap_cs and concept_c is None and label_c is None:
-        raise DataError(f"{path}: no caption column (looked for {list(CAPTION_NAMES)}, caption_<n>, "
-                        f"{list(CAPTION_FALLBACK)}) and no concept/label column; columns are {columns}. "
-                        "Pass caption_cols=[...].")
     id_c = next((c for c in columns if c.lower() == "id"), None)
     if not media and vector_c is None and id_c is None:
         raise DataError(f"{path}: no media column (image: {list(IMAGE_NAMES)}, audio: {list(AUDIO_NAMES)}, video: "
                         f"{list(VIDEO_NAMES)}), no vector key column ({list(VECTOR_NAMES)}) and no id column; columns "
                         f"are {columns}. Pass image_col=... (or audio_col/video_col/vector_col) to name one.")
+    cap_cs = _caption_columns(path, columns, caption_cols)
+    if not cap_cs and concept_c is None and label_c is None:
+        raise DataError(f"{path}: no caption column (looked for {list(CAPTION_NAMES)}, caption_<n>, "
+                        f"{list(CAPTION_FALLBACK)}) and no concept/label column; columns are {columns}. "
+                        "Pass caption_cols=[...].")
     used = {*media.values(), vector_c, concept_c, label_c, style_c, id_c, *cap_cs}
 
     base = Path(root) if root is not None else path.parent

@@ -135,7 +135,7 @@ def validator(cached: Cached, text_encoder: Any, text_layers: Sequence[str], ind
 
     @torch.no_grad()
     def validate(towers: torch.nn.ModuleDict) -> dict[str, float]:
-        dev = next(towers.parameters()).device
+        dev = next(iter(towers[modality].state_dict().values())).device  # heads and closed-form maps alike
         img = F.normalize(towers[modality](x.to(dev)).float(), dim=-1).cpu()
         encode = lambda ps: towers["text"](torch.stack([raw[p] for p in ps]).to(dev)).float().cpu()  # noqa: E731
         s = zero_shot_scores(img, zero_shot_classifier(encode, names, temps), labels)
