@@ -2,11 +2,11 @@
 random sampling at the same budget?
 
 Pool: the emoji *training* pairs of the default protocol (training concepts, styles google + twitter +
-openmoji: ``pipeline.make_splits(...).train``; validation and test concepts are never candidates).
+openmoji: ``make_splits(...).train``; validation and test concepts are never candidates).
 Targets: the 10 Fashion-MNIST class names (text prototypes, ``photo`` prompt ensemble).
 Budgets 250 / 500 / 1000 pairs. Curated subsets come from ``unialign.curate.curate_dataset`` (the
 library function behind ``unialign curate``, farthest-point fill) and are read back through
-``data.subset`` + ``pipeline.make_splits`` exactly as ``unialign run`` would; random subsets are drawn
+``data.subset`` + ``make_splits`` exactly as ``unialign run`` would; random subsets are drawn
 uniformly from the same pool. Each subset trains the recipe given by ``--recipe`` (default ``linear``:
 linear heads, InfoNCE, early stopping on the validation concepts; seeds matter for trained recipes) with 5 training seeds (random: seed s also draws
 the subset). Reported: zero-shot top-1 on the Fashion-MNIST test set (10k real photos, 10 classes) and
@@ -19,7 +19,6 @@ front), so a run costs training only. ``python3 benchmarks/curation.py`` (~10 mi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import sys
@@ -30,15 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unialign import pipeline
-from unialign.align.recipes import get_recipe
-from unialign.config import load_config, to_dict
-from unialign.curate import curate_dataset
-from unialign.data import build_fashion_mnist, load_dataset
 from unialign.encoders import load_encoder
-from unialign.evaluate.metrics import class_embeddings, zero_shot_scores
-from unialign.evaluate.templates import get_templates
-from unialign.model import AlignedModel
+from unialign_train.align import fit, get_recipe, make_pairs
+from unialign_train.config import load_config
+from unialign_train.curate import curate_dataset
+from unialign_train.data import load_dataset, make_splits
+from unialign_train.evaluate import validator, zero_shot_set
+from unialign_train.features import cache_features
 
 HERE = Path(__file__).resolve().parent
 
@@ -49,31 +46,6 @@ def quiet(_: str) -> None:
 
 def say(msg: str) -> None:
     print(msg, flush=True)
-
-
-class ZeroShot:
-    """One zero-shot task on cached image features with its prompts encoded once (raw text features)."""
-
-    def __init__(self, image_feats: np.ndarray, labels: np.ndarray, prompt_feats: np.ndarray, n_classes: int, n_templates: int):
-        self.x = torch.from_numpy(np.asarray(image_feats, dtype=np.float32))
-        self.labels = labels
-        self.p = torch.from_numpy(np.asarray(prompt_feats, dtype=np.float32))
-        self.shape = (n_classes, n_templates)
-
-    def acc1(self, model: AlignedModel) -> float:
-        img = model.project_image_features(self.x)
-        txt = model.project_text_features(self.p).view(*self.shape, -1)
-        return zero_shot_scores(img, class_embeddings(txt), self.labels)["acc1"]
-
-
-def split_task(cached: pipeline.Cached, indices: np.ndarray, te, cfg, templates: str) -> ZeroShot:
-    """Classification among the split's concepts (or a labelled set's classes), as evaluate_split does."""
-    ds = cached.dataset
-    feats, kept = cached.image_feats(indices)
-    names, labels_list = pipeline.class_names_and_labels(ds, kept)
-    labels = np.asarray(labels_list)
-    temps = get_templates(templates)
-    return ZeroShot(feats, labels, pipeline.prompt_features(te, cfg.encoders.text_layers, names, temps), len(names), len(temps))
 
 
 def stats(xs: list[float]) -> dict[str, float]:
@@ -99,32 +71,37 @@ def main() -> None:
     cfg = load_config(overrides={"device": "cpu", "recipe": args.recipe})
     recipe = get_recipe(cfg.recipe)
     ds = load_dataset(cfg.data.dataset)
-    ie = load_encoder(cfg.encoders.image, device="cpu")
-    te = load_encoder(cfg.encoders.text, device="cpu")  # loaded once: validation, test, curation prompts
-    cached = pipeline.cache_features(ds, ie, te, cfg, quiet)
-    splits = pipeline.make_splits(ds, cfg)
-    fm = build_fashion_mnist("test")
-    fcached = pipeline.cache_features(fm, ie, None, cfg, quiet)
-    validate = pipeline.validator(cached, te, splits.val, cfg)  # prompts encoded once, reused by every run
-    tasks = {"fashion-mnist": split_task(fcached, np.arange(len(fm)), te, cfg, cfg.eval.fashion_templates),
-             "emoji-test-apple": split_task(cached, splits.test, te, cfg, cfg.eval.templates)}
+    ie = load_encoder(cfg.encoders["image"], device="cpu")
+    te = load_encoder(cfg.encoders["text"], device="cpu")  # loaded once: validation, test, curation prompts
+    layers = {m: cfg.layers_of(m) for m in ("image", "text")}
+    cached = cache_features(ds, {"image": ie, "text": te}, layers, cfg.extract, quiet)
+    splits = make_splits(ds, cfg.data)
+    zs = cfg.eval.zero_shot_sets["fashion-mnist"]
+    fm = zero_shot_set(zs)
+    fcached = cache_features(fm, {"image": ie}, layers, cfg.extract, quiet)
+    # the shipped zero-shot scorer (prompts encoded once, reused by every run): early stopping and both tasks
+    validate = validator(cached, te, layers["text"], splits.val, "image", cfg.eval.templates)
+    tasks = {"fashion-mnist": validator(fcached, te, layers["text"], np.arange(len(fm)), "image", zs.templates),
+             "emoji-test-apple": validator(cached, te, layers["text"], splits.test, "image", cfg.eval.templates)}
+    n_test_classes = len({ds.records[i]["concept"] for i in splits.test})
     fm_names = [fm.concept_labels().get(c, c) for c in fm.classes]
     say(f"setup {time.perf_counter() - t_start:.0f}s: pool {len(splits.train)} emoji training pairs "
         f"({len(splits.concepts['train'])} concepts), targets {fm_names}")
 
     def train_eval(rows: np.ndarray, seed: int) -> dict[str, float]:
-        c = dataclasses.replace(cfg, train={**cfg.train, "seed": seed})
-        pairs = pipeline.make_pairs(cached, np.sort(rows))
+        pairs = make_pairs(cached, np.sort(rows), "image", "text")
         t0 = time.perf_counter()
-        proj, scale, info = pipeline.fit_projection(cached, pairs, recipe, c, validate, None, quiet)
-        model = AlignedModel(ie, te, proj, cfg.encoders.image_layers, cfg.encoders.text_layers, scale, info)
-        out = {name: task.acc1(model) for name, task in tasks.items()}
-        out.update(steps=info.get("steps"), seconds=time.perf_counter() - t0)
+        fitted = fit(recipe, {**cfg.train, **({"seed": seed} if recipe.trained else {})}, cached["image"].features,
+                     cached["text"].features, pairs, ("image", "text"), validate if recipe.trained else None, None,
+                     "cpu", quiet)
+        towers = torch.nn.ModuleDict(fitted.projections)
+        out = {name: task(towers)["val_acc1"] for name, task in tasks.items()}
+        out.update(steps=fitted.info.get("steps"), seconds=time.perf_counter() - t0)
         return out
 
     results: dict[str, dict] = {}
     curation_info: dict[str, dict] = {}
-    chance = {"fashion-mnist": 1 / 10, "emoji-test-apple": 1 / tasks["emoji-test-apple"].shape[0]}
+    chance = {"fashion-mnist": 1 / 10, "emoji-test-apple": 1 / n_test_classes}
 
     def payload(full: dict | None = None) -> dict:
         return {
@@ -132,7 +109,7 @@ def main() -> None:
             "pool": {"dataset": "emoji", "split": "train (training concepts x google+twitter+openmoji)",
                      "n_pairs": int(len(splits.train)), "n_concepts": len(splits.concepts["train"])},
             "targets": fm_names, "prototype": "text (photo templates)", "fill": args.fill, "budgets": budgets,
-            "seeds": seeds, "recipe": cfg.recipe, "encoders": to_dict(cfg.encoders), "chance": chance,
+            "seeds": seeds, "recipe": cfg.recipe, "encoders": dict(cfg.encoders), "chance": chance,
             "results": results, "whole_pool": full, "curation": curation_info, "seconds": time.perf_counter() - t_start,
             "complete": all(str(b) in results for b in budgets),
             "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
@@ -145,11 +122,12 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="unialign-curation-"))
     for budget in budgets:
         t0 = time.perf_counter()
-        dc = curate_dataset(None, fm_names, budget, cfg=cfg, cached=cached, text_encoder=te, image_encoder=ie,
-                            templates="photo", fill=args.fill, out=tmp / f"subset-{budget}.parquet", log=quiet)
+        dc = curate_dataset(cached, fm_names, budget, text_encoder=te, media="image", media_encoder=ie, layers=layers,
+                            protocol=cfg.data, templates="photo", fill=args.fill, out=tmp / f"subset-{budget}.parquet",
+                            log=quiet)
         # read the subset back the way `unialign run --set data.subset=...` does
         sub_cfg = load_config(overrides={"device": "cpu", "data.subset": str(dc.path)})
-        rows = pipeline.make_splits(ds, sub_cfg).train
+        rows = make_splits(ds, sub_cfg.data).train
         assert sorted(dc.rows.tolist()) == rows.tolist() and len(rows) == budget
         assert set(rows.tolist()) <= set(splits.train.tolist())
         r = dc.result

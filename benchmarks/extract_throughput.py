@@ -16,9 +16,9 @@ import time
 import torch
 
 from _common import command, markdown, write
-from unialign.data import load_dataset
 from unialign.encoders import load_encoder
-from unialign.features.extract import extract
+from unialign_train.data import load_dataset
+from unialign_train.features import extract
 
 
 def bare(encoder, tensors: torch.Tensor, batch_size: int) -> float:
@@ -48,8 +48,8 @@ def main() -> None:
     ds = load_dataset("emoji")
     ds = ds.subset(range(args.n), name=f"emoji-first{args.n}")
     enc = load_encoder(args.encoder)
-    prep = enc.preprocess()
-    tensors = torch.stack([prep(ds.load_image(i)) for i in range(len(ds))])
+    prep = enc.loader()
+    tensors = torch.stack([prep(ds.path(i)) for i in range(len(ds))])
     bare(enc, tensors[: args.batch_size], args.batch_size)  # warm-up
     workers = [int(w) for w in args.workers.split(",")]
     runs: dict[str, list[float]] = {"bare": [], **{f"pipeline_w{w}": [] for w in workers}}

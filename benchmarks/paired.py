@@ -18,21 +18,15 @@ from scipy.stats import binomtest
 
 from _common import command, markdown, write
 from recipes import Bench, quiet
-from unialign import pipeline as P
-from unialign.evaluate.metrics import zero_shot_hits
-from unialign.evaluate.tasks import zero_shot_weights
-from unialign.evaluate.templates import get_templates
+from unialign_train.evaluate import zero_shot_hits, zero_shot_predictions
 
 
 def correct(bench: Bench, recipe: str, seed: int = 0) -> dict[str, np.ndarray]:
     """Per test image: 1 if the recipe's zero-shot top-1 (top-5) classes hold the right one."""
     cfg = bench.config(recipe, seed)
     model, splits, _, _ = bench.fit(cfg, seed)
-    feats, kept = bench.cached.image_feats(splits.test)
-    names, labels = P.class_names_and_labels(bench.ds, kept)
-    embed = lambda prompts: model.encode_text(prompts, batch_size=256, convert_to_numpy=False)  # noqa: E731
-    weights = zero_shot_weights(embed, names, get_templates(cfg.eval.templates))
-    hit1, hit5 = zero_shot_hits(model.project_image_features(feats), weights, labels)
+    emb, weights, _, labels, _ = zero_shot_predictions(model, bench.cached, splits.test, "image", cfg.eval.templates)
+    hit1, hit5 = zero_shot_hits(emb, weights, labels)
     return {"acc1": hit1.numpy().astype(np.int64), "acc5": hit5.numpy().astype(np.int64)}
 
 

@@ -1,4 +1,4 @@
-"""Which recipe wins? Every recipe of ``unialign.align.recipes`` on identical cached features.
+"""Which recipe wins? Every recipe of ``unialign_train.align.recipes`` on identical cached features.
 
 Protocol (the default of ``unialign run``): EfficientNet-Lite0 (128 px) + all-MiniLM-L6-v2 on the emoji
 data, concepts split 70/10/20 with split_seed 0 (fixed), training on google + twitter + openmoji, early
@@ -8,9 +8,10 @@ set and a low-data one (``data.max_train_concepts=200``: 200 training concepts d
 split seed, the same for every recipe and training seed). Trained recipes run with 5 training seeds;
 closed-form ones are deterministic (one fit, std 0).
 
-Features are read once from the feature cache (``pipeline.cache_features``, a no-op after
-``unialign run``); the text encoder is loaded once and every prompt it encodes is memoised, so each run
-costs only its fit and a few matrix products.
+Features are read once from the feature cache (``cache_features``, a no-op after ``unialign run``);
+the text encoder is loaded once and every prompt it encodes is memoised, so each run costs only its fit
+and a few matrix products. Each run goes through the pipeline's own stage functions (splits, pairs,
+validator, fit, evaluation).
 
     python3 benchmarks/recipes.py                       # everything, writes benchmarks/results/recipes.{json,md}
     python3 benchmarks/recipes.py --recipes unialign,asif --seeds 2 --regimes full
@@ -32,14 +33,14 @@ import numpy as np
 import torch
 
 from _common import command
-from unialign import pipeline as P
-from unialign.align.data import Features
-from unialign.align.recipes import get_recipe
-from unialign.config import RunConfig, load_config
-from unialign.data import build_fashion_mnist, load_dataset
 from unialign.encoders import load_encoder
-from unialign.evaluate.templates import get_templates
+from unialign.encoders.base import Encoder
 from unialign.model import AlignedModel
+from unialign_train.align import fit, get_recipe, make_pairs
+from unialign_train.config import RunConfig, load_config
+from unialign_train.data import Splits, load_dataset, make_splits
+from unialign_train.evaluate import classification, evaluate_split, validator, zero_shot_set
+from unialign_train.features import Cached, Features, cache_features
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -49,16 +50,19 @@ REGIMES = {"full": None, "low": 200}
 quiet = lambda *_: None  # noqa: E731
 
 
-class MemoTextEncoder:
-    """Wraps a text encoder so that each distinct string is encoded once per process."""
+class MemoTextEncoder(Encoder):
+    """A text encoder that encodes each distinct string once per process (prompts recur in every run)."""
 
-    def __init__(self, encoder: Any):
+    modality = "text"
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
         self.encoder = encoder
-        self.device = encoder.device
+        self.spec, self.dim, self.version, self.layer_dims = encoder.spec, encoder.dim, encoder.version, encoder.layer_dims
         self.memo: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.encoder, name)
+    def forward(self, batch: Any, layers: Sequence[str] = ("final",)) -> dict[str, torch.Tensor]:
+        return self.encoder.forward(batch, layers)
 
     def encode(self, texts: Sequence[str], batch_size: int = 256, show_progress_bar: bool | None = None,
                convert_to_numpy: bool = True, layers: Sequence[str] = ("final",), **_: Any) -> Any:
@@ -81,14 +85,16 @@ class Bench:
         cfg = load_config(overrides=self.base)
         self.cfg = cfg
         self.ds = load_dataset(cfg.data.dataset)
-        self.image_encoder = load_encoder(cfg.encoders.image, device="cpu")
-        self.text_encoder = MemoTextEncoder(load_encoder(cfg.encoders.text, device="cpu"))
-        self.cached = _in_memory(P.cache_features(self.ds, self.image_encoder, self.text_encoder.encoder, cfg, log))
+        self.image_encoder = load_encoder(cfg.encoders["image"], device="cpu")
+        self.text_encoder = MemoTextEncoder(load_encoder(cfg.encoders["text"], device="cpu"))
+        self.layers = {m: cfg.layers_of(m) for m in ("image", "text")}
+        encoders = {"image": self.image_encoder, "text": self.text_encoder.encoder}
+        self.cached = _in_memory(cache_features(self.ds, encoders, self.layers, cfg.extract, log))
         self.fm = None
         if fashion:
-            fm = build_fashion_mnist("test")
-            self.fm = (fm, _in_memory(P.cache_features(fm, self.image_encoder, None, cfg, log)))
-        self.image_layers = list(cfg.encoders.image_layers)  # several: the features every recipe sees concatenated
+            fm = zero_shot_set(cfg.eval.zero_shot_sets["fashion-mnist"])
+            self.fm = (fm, _in_memory(cache_features(fm, {"image": self.image_encoder}, self.layers, cfg.extract, log)))
+        self.image_layers = self.layers["image"]  # several: the features every recipe sees concatenated
 
     def config(self, recipe: str, seed: int = 0, max_train_concepts: int | None = None,
                overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -100,17 +106,19 @@ class Bench:
             ov[k if "." in k else f"train.{k}"] = v
         return load_config(overrides=ov)
 
-    def fit(self, cfg: RunConfig, seed: int = 0) -> tuple[AlignedModel, P.Splits, dict[str, Any], Any]:
+    def fit(self, cfg: RunConfig, seed: int = 0) -> tuple[AlignedModel, Splits, dict[str, Any], Any]:
         """The pipeline's own steps for one config: splits, training pairs, validator, fit; as a model."""
         rec = get_recipe(cfg.recipe)
-        splits = P.make_splits(self.ds, cfg)
-        pairs = P.make_pairs(self.cached, splits.train)
-        validate = P.validator(self.cached, self.text_encoder, splits.val, cfg) if rec.trained else None
+        splits = make_splits(self.ds, cfg.data)
+        pairs = make_pairs(self.cached, splits.train, "image", "text")
+        validate = (validator(self.cached, self.text_encoder, self.layers["text"], splits.val, "image", cfg.eval.templates)
+                    if rec.trained else None)
         torch.manual_seed(seed)
-        projection, scale, info = P.fit_projection(self.cached, pairs, rec, cfg, validate, None, quiet)
-        model = AlignedModel(self.image_encoder, self.text_encoder, projection, cfg.encoders.image_layers,
-                             cfg.encoders.text_layers, scale, info)
-        return model, splits, info, pairs
+        fitted = fit(rec, cfg.train, self.cached["image"].features, self.cached["text"].features, pairs,
+                     ("image", "text"), validate, None, "cpu", quiet)
+        model = AlignedModel({"image": self.image_encoder, "text": self.text_encoder}, fitted.projections, self.layers,
+                             fitted.logit_scale, fitted.info)
+        return model, splits, fitted.info, pairs
 
     def run(self, recipe: str, seed: int = 0, max_train_concepts: int | None = None,
             overrides: dict[str, Any] | None = None, templates: str | list[str] | None = None) -> dict[str, Any]:
@@ -120,24 +128,22 @@ class Bench:
         out = {"recipe": recipe, "seed": seed, "max_train_concepts": max_train_concepts,
                "train_seconds": info["train_seconds"], "steps": info.get("steps"), "best_step": info.get("best_step"),
                "n_pairs": len(pairs)}
-        temps = get_templates(templates or cfg.eval.templates)
-        recs = P.evaluate_split(model, self.cached, splits.test, "emoji-test-apple", temps, [1, 5, 10], recipe, "")
+        recs = evaluate_split(model, self.cached, splits.test, "emoji-test-apple", ("image", "text"),
+                              templates or cfg.eval.templates, [1, 5, 10], recipe, "")
         out.update(_flatten(recs))
         if self.fm is not None:
             fm, fc = self.fm
-            r = P.evaluate_split(model, fc, np.arange(len(fm)), "fashion-mnist", get_templates(cfg.eval.fashion_templates),
-                                 [1, 5, 10], recipe, "")
-            out["fmnist_acc1"] = r[0]["metrics"]["acc1"]
+            r = classification(model, fc, np.arange(len(fm)), "image", "fashion-mnist",
+                               cfg.eval.zero_shot_sets["fashion-mnist"].templates, recipe, "")
+            out["fmnist_acc1"] = r["metrics"]["acc1"]
         return out
 
 
-def _in_memory(cached: P.Cached) -> P.Cached:
+def _in_memory(cached: Cached) -> Cached:
     """Read the memory-mapped fp16 shards once into float32 arrays: every run then gathers from RAM."""
-    cached.image = Features([np.asarray(a[np.arange(len(a))], dtype=np.float32) for a in cached.image.arrays],
-                            cached.image.names)
-    if cached.text is not None:
-        cached.text = Features([np.asarray(a[np.arange(len(a))], dtype=np.float32) for a in cached.text.arrays],
-                               cached.text.names)
+    for m in cached.modalities.values():
+        m.features = Features([np.asarray(a[np.arange(len(a))], dtype=np.float32) for a in m.features.arrays],
+                              m.features.names)
     return cached
 
 
@@ -197,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    bench = Bench({"encoders.image_layers": args.image_layers.split(",")})
+    bench = Bench({"layers.image": args.image_layers.split(",")})
     notes, runs = [], []
     recipes = [r for r in args.recipes.split(",") if r]
     if "layermix" in recipes and len(bench.image_layers) < 2:
@@ -222,9 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, chance)
     print("\n" + table)
     cmd = command("recipes.py", argv)
-    payload = {"command": cmd, "protocol": {"image": bench.cfg.encoders.image, "text": bench.cfg.encoders.text,
-                                            "image_layers": bench.image_layers, "split_seed": 0, "train_styles": P.EMOJI_TRAIN_STYLES,
-                                            "test_styles": P.EMOJI_TEST_STYLES, "n_test_classes": n_classes,
+    splits = make_splits(bench.ds, bench.cfg.data)
+    payload = {"command": cmd, "protocol": {"image": bench.cfg.encoders["image"], "text": bench.cfg.encoders["text"],
+                                            "image_layers": bench.image_layers, "split_seed": 0,
+                                            "train_styles": splits.train_styles, "test_styles": splits.test_styles,
+                                            "n_test_classes": n_classes,
                                             "regimes": {k: REGIMES[k] for k in args.regimes.split(",")}},
                "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__},
                "notes": notes, "seconds": time.perf_counter() - t0, "summary": rows, "runs": runs}

@@ -35,13 +35,12 @@ def bench_extract(args: argparse.Namespace) -> None:
     import ray
     import torch
 
-    from unialign.data import load_dataset
-    from unialign.data.base import PairDataset
     from unialign.encoders import load_encoder
-    from unialign.features.extract import extract
+    from unialign_train.data import Dataset, load_dataset
+    from unialign_train.features import extract
 
     full = load_dataset("emoji")
-    ds = PairDataset(f"emoji-first{args.n}", full.records[: args.n], full.root)
+    ds = Dataset(f"emoji-first{args.n}", full.records[: args.n], full.root)
     spec = "effnet-lite0?image_size=128"
     enc = load_encoder(spec, device="cpu")
     work = Path(tempfile.mkdtemp(prefix="unialign-extract-", dir=args.root))
@@ -127,9 +126,9 @@ def train_one(args: argparse.Namespace) -> None:
     """One training run over a synthetic store (run in a subprocess: its ru_maxrss is its own)."""
     import torch
 
-    from unialign.align.data import Features, Pairs
-    from unialign.align.train import TrainConfig, train
-    from unialign.features.store import ShardedArray
+    from unialign_train.align import Pairs, TrainConfig, train
+    from unialign_train.features import Features
+    from unialign_train.features.store import ShardedArray
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -137,7 +136,8 @@ def train_one(args: argparse.Namespace) -> None:
     img = ShardedArray(sorted((root / "img_emb").glob("*.npy")), IMG_DIM, np.float16)
     txt = ShardedArray(sorted((root / "text_emb").glob("*.npy")), TXT_DIM, np.float16)
     ar = np.arange(args.n, dtype=np.int64)
-    pairs = Pairs(image_rows=ar, text_flat=ar, text_offsets=np.arange(args.n + 1, dtype=np.int64), groups=ar)
+    off = np.arange(args.n + 1, dtype=np.int64)
+    pairs = Pairs(x_flat=ar, x_offsets=off, y_flat=ar, y_offsets=off, groups=ar)
     cfg = TrainConfig(head="linear", dim=256, batch_size=args.batch, max_steps=args.steps, warmup_steps=10, eval_every=0,
                       sampling=args.sampling, device="cpu")
     res = train(Features([img]), Features([txt]), pairs, cfg, log=None)
@@ -177,7 +177,8 @@ def bench_eval(args: argparse.Namespace) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
-    from unialign.evaluate.metrics import topk_indices, topk_indices_faiss, zero_shot_scores
+    from unialign.search import build_index, topk
+    from unialign_train.evaluate import zero_shot_scores
 
     torch.set_num_threads(args.threads)
     out = []
@@ -193,10 +194,11 @@ def bench_eval(args: argparse.Namespace) -> list[dict]:
         q = min(n, args.queries)  # retrieval: q text queries against all n images, scaled to n queries
         keys = F.normalize(emb + 0.5 * torch.randn(n, 256, generator=g), dim=-1)
         t = time.perf_counter()
-        exact = topk_indices(emb[:q], keys, 10)
+        exact = topk(emb[:q], keys, 10)[1]
         ex_s = time.perf_counter() - t
         t = time.perf_counter()
-        ivf = topk_indices_faiss(emb[:q], keys, 10, index="ivf", nlist=int(np.sqrt(n)), nprobe=16)
+        index, _ = build_index(keys, "ivf", nlist=int(np.sqrt(n)), nprobe=16)
+        ivf = topk(emb[:q], None, 10, index=index)[1]
         ivf_s = time.perf_counter() - t
         recall = float((ivf[:, :1] == exact[:, :1]).float().mean())
         r = {"size": name, "n": n, "zero_shot_1000_classes_seconds": zs, "retrieval_queries_timed": q,

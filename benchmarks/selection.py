@@ -10,7 +10,7 @@ into ~/.cache/unialign/models if missing (the only download; never done by the t
 1. Records: the emoji records the default protocol reads for a seeded subset of ``--concepts`` concepts
    (training/validation concepts in google, twitter, openmoji; test concepts in apple), so that the whole
    benchmark fits 2 shared CPU cores. Per-layer stores of all five encoders are extracted once, timed.
-2. Selection: ``unialign.select.select`` on a seeded sample of ``--sample`` training-split pairs (first
+2. Selection: ``unialign_train.select.select`` on a seeded sample of ``--sample`` training-split pairs (first
    caption per image), every metric of ``SELECT_METRICS`` raw, plus mutual kNN and linear CKA calibrated;
    it reads the stores of step 1, and the sample's own extraction time is estimated from their throughput.
    Then heads are trained on every combination with the default "unialign" recipe (early stopping on
@@ -93,31 +93,33 @@ def bench_dataset(n_concepts: int, seed: int = 0):
     """The emoji records the default protocol reads, for a seeded subset of ``n_concepts`` concepts:
     training and validation concepts in the training styles (google, twitter, openmoji), test concepts
     in apple. Splits are by sorted concept, so the protocol's split of this subset is unchanged."""
-    from unialign.config import load_config
-    from unialign.data import load_dataset
-    from unialign.pipeline import make_splits
+    from unialign_train.config import load_config
+    from unialign_train.data import load_dataset, make_splits
 
     full = load_dataset("emoji")
     concepts = sorted(full.concepts())
     keep = set(np.random.default_rng([seed, 5]).choice(concepts, size=min(n_concepts, len(concepts)), replace=False).tolist())
     sub = full.subset([i for i, r in enumerate(full.records) if r["concept"] in keep], name="emoji")
-    sp = make_splits(sub, load_config(None))
+    sp = make_splits(sub, load_config(None).data)
     return sub.subset(np.sort(np.concatenate([sp.train, sp.val, sp.test])), name="emoji")
 
 
 def run_selection(ds, texts: list[str], sample: int, seed: int, log) -> tuple[dict, dict]:
     """Selection on a sample of the training split, reading the per-layer stores extracted for training
     (as a user who already has them would): all metrics raw, then mutual kNN / linear CKA calibrated."""
-    from unialign.select.selection import SELECT_METRICS, plot_heatmaps, select
+    import unialign_train.align.probe  # noqa: F401  (registers the probe metric)
+    from unialign_train.config import load_config
+    from unialign_train.select.selection import plot_heatmaps, select, select_metrics
 
-    metrics = list(SELECT_METRICS)
+    metrics = list(select_metrics())
+    protocol = load_config().data
     t0 = time.perf_counter()
-    sel = select(list(IMAGES), texts, dataset=ds, image_layers=IMAGES, text_layers=",".join(TEXT_LAYERS), sample=sample,
-                 metrics=metrics, seed=seed, probe_options={"steps": 300}, log=log)
+    sel = select(list(IMAGES), texts, dataset=ds, first_layers=IMAGES, second_layers=",".join(TEXT_LAYERS), sample=sample,
+                 metrics=metrics, seed=seed, protocol=protocol, probe_options={"steps": 300}, log=log)
     scoring = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cal = select(list(IMAGES), texts, dataset=ds, image_layers=IMAGES, text_layers=",".join(TEXT_LAYERS), sample=sample,
-                 metrics=["mutual_knn", "linear_cka"], calibrate=True, n_perm=5, seed=seed, log=log)
+    cal = select(list(IMAGES), texts, dataset=ds, first_layers=IMAGES, second_layers=",".join(TEXT_LAYERS), sample=sample,
+                 metrics=["mutual_knn", "linear_cka"], calibrate=True, n_perm=5, seed=seed, protocol=protocol, log=log)
     cal_s = time.perf_counter() - t0
     for p in DOCS_IMG.glob("selection_effnet-*.png"):  # this benchmark's own heatmaps only
         p.unlink()
@@ -131,7 +133,7 @@ def run_selection(ds, texts: list[str], sample: int, seed: int, log) -> tuple[di
 def extract_all(ds, texts: list[str], state: dict, state_path: Path, log) -> tuple[dict, dict, dict]:
     """Per-layer stores of every encoder over the benchmark records, timed (the first run's time is kept)."""
     from unialign.encoders import load_encoder
-    from unialign.features.extract import extract
+    from unialign_train.features import extract
 
     encoders, stores, layers_of = {}, {}, {}
     for spec, layers in [*IMAGES.items(), *[(t, TEXT_LAYERS) for t in texts]]:
@@ -148,49 +150,47 @@ def extract_all(ds, texts: list[str], state: dict, state_path: Path, log) -> tup
 
 def train_all(ds, encoders: dict, stores: dict, layers_of: dict, state: dict, state_path: Path, log) -> dict:
     """Full extraction + default-recipe training + test retrieval for every combination (resumable)."""
-    from unialign.align.data import Features
-    from unialign.align.recipes import get_recipe
-    from unialign.config import load_config
-    from unialign.evaluate.templates import get_templates
     from unialign.model import AlignedModel
-    from unialign.pipeline import Cached, evaluate_split, fit_projection, make_pairs, make_splits, validator
+    from unialign_train.align import fit, get_recipe, make_pairs
+    from unialign_train.config import load_config
+    from unialign_train.data import make_splits
+    from unialign_train.evaluate import evaluate_split, validator
+    from unialign_train.features import Cached, ModalityFeatures
 
     recipe = get_recipe("unialign")
     img_specs = [s for s in encoders if encoders[s].modality == "image"]
     txt_specs = [s for s in encoders if encoders[s].modality == "text"]
     for ispec in img_specs:
-        istore = stores[ispec]
-        image_row = np.full(len(ds), -1, dtype=np.int64)
-        image_row[istore.index] = np.arange(len(istore))
         for tspec in txt_specs:
-            tstore = stores[tspec]
-            text_row = {t: i for i, t in enumerate(tstore.texts())}
             for il in layers_of[ispec]:
                 for tl in layers_of[tspec]:
                     key = f"{ispec}|{il}|{tspec}|{tl}"
                     if key in state["results"]:
                         continue
-                    cfg = load_config(None, {"encoders.image": ispec, "encoders.image_layers": [il],
-                                             "encoders.text": tspec, "encoders.text_layers": [tl], "device": "cpu"})
-                    cached = Cached(ds, istore, Features([istore.array(il)], [il]), image_row, tstore,
-                                    Features([tstore.array(tl)], [tl]), text_row)
-                    splits = make_splits(ds, cfg)
-                    pairs = make_pairs(cached, splits.train)
+                    cfg = load_config(None, {"encoders.image": ispec, "layers.image": [il],
+                                             "encoders.text": tspec, "layers.text": [tl], "device": "cpu"})
+                    cached = Cached(ds, {"image": ModalityFeatures.build(ds, "image", stores[ispec], [il]),
+                                         "text": ModalityFeatures.build(ds, "text", stores[tspec], [tl])})
+                    splits = make_splits(ds, cfg.data)
+                    pairs = make_pairs(cached, splits.train, "image", "text")
                     t0 = time.perf_counter()
-                    validate = validator(cached, encoders[tspec], splits.val, cfg)
-                    proj, scale, info = fit_projection(cached, pairs, recipe, cfg, validate, None, log=None)
+                    validate = validator(cached, encoders[tspec], [tl], splits.val, "image", cfg.eval.templates)
+                    fitted = fit(recipe, cfg.train, cached["image"].features, cached["text"].features, pairs,
+                                 ("image", "text"), validate, None, "cpu", log=lambda *_: None)
+                    info = fitted.info
                     train_s = time.perf_counter() - t0
-                    model = AlignedModel(encoders[ispec], encoders[tspec], proj, [il], [tl], scale, info)
-                    recs = evaluate_split(model, cached, splits.test, "emoji-test-apple", get_templates(cfg.eval.templates),
-                                          cfg.eval.retrieval_ks, "bench", "none")
+                    model = AlignedModel({"image": encoders[ispec], "text": encoders[tspec]}, fitted.projections,
+                                         {"image": [il], "text": [tl]}, fitted.logit_scale, info)
+                    recs = evaluate_split(model, cached, splits.test, "emoji-test-apple", ("image", "text"),
+                                          cfg.eval.templates, cfg.eval.retrieval_ks, "bench", "none")
                     cls = next(r for r in recs if r["task"] == "zeroshot_classification")["metrics"]
                     ret = next(r for r in recs if r["task"] == "zeroshot_retrieval")["metrics"]
                     target = float(np.mean([ret[f"{d}_retrieval_recall@{k}"] for d in ("image", "text") for k in (1, 5)]))
                     state["results"][key] = {"image": ispec, "image_layer": il, "text": tspec, "text_layer": tl,
                                              "retrieval": target, "acc1": cls["acc1"], "acc5": cls["acc5"],
                                              "recalls": {k: v for k, v in ret.items() if "recall@" in k},
-                                             "train_seconds": train_s, "steps": info["steps"], "best_step": info["best_step"]}
-                    log(f"trained {key}: retrieval {target:.4f} acc1 {cls['acc1']:.4f} ({train_s:.0f}s, {info['steps']} steps)")
+                                             "train_seconds": train_s, "steps": info.get("steps"), "best_step": info.get("best_step")}
+                    log(f"trained {key}: retrieval {target:.4f} acc1 {cls['acc1']:.4f} ({train_s:.0f}s, {info.get('steps')} steps)")
                     state_path.write_text(json.dumps(state, indent=1))
     return state["results"]
 
@@ -208,7 +208,7 @@ def main() -> None:
     import torch
     from scipy.stats import spearmanr
 
-    from unialign.select.selection import _short
+    from unialign_train.select.selection import _short
 
     torch.set_num_threads(args.threads)
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -226,7 +226,7 @@ def main() -> None:
     if "selection" not in state:
         sel_out, sel_times = run_selection(ds, texts, args.sample, args.seed, log)
         pack = lambda x: {"rows": x.rows, "metrics": x.metrics, "n": x.n, "k": x.k, "command": x.command}  # noqa: E731
-        from unialign.select.selection import _jsonable
+        from unialign_train.select.selection import _jsonable
 
         state["selection"] = _jsonable({"selection": pack(sel_out["selection"]), "calibrated": pack(sel_out["calibrated"]),
                                         "heatmaps": sel_out["heatmaps"], "times": sel_times})
@@ -283,7 +283,7 @@ def main() -> None:
         "selection_command": sel.command, "heatmaps": sel_out["heatmaps"], "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    from unialign.select.selection import _jsonable
+    from unialign_train.select.selection import _jsonable
 
     (RESULTS / "selection.json").write_text(json.dumps(_jsonable(report), indent=1) + "\n")
     (RESULTS / "selection.md").write_text(markdown(report) + "\n")
@@ -291,7 +291,7 @@ def main() -> None:
 
 
 def markdown(rep: dict) -> str:
-    from unialign.select.selection import _short
+    from unialign_train.select.selection import _short
 
     t = rep["timings"]
     lines = [f"# Encoder/layer selection vs full training ({rep['n_combinations']} combinations)", "",

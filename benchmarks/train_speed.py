@@ -10,16 +10,15 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 from _common import command, markdown, peak_rss_mb, write
-from unialign.align.recipes import get_recipe, train_config
-from unialign.align.train import train
-from unialign.config import load_config
-from unialign.data import load_dataset
 from unialign.encoders import load_encoder
-from unialign.pipeline import cache_features, fit_projection, make_pairs, make_splits, validator
+from unialign_train.align import fit, get_recipe, make_pairs, train, train_config
+from unialign_train.config import load_config
+from unialign_train.data import load_dataset, make_splits
+from unialign_train.evaluate import validator
+from unialign_train.features import cache_features
 
 
 def main() -> None:
@@ -31,26 +30,27 @@ def main() -> None:
 
     cfg = load_config()
     ds = load_dataset(cfg.data.dataset)
-    img_enc, txt_enc = load_encoder(cfg.encoders.image), load_encoder(cfg.encoders.text)
-    cached = cache_features(ds, img_enc, txt_enc, cfg, log=lambda s: None)
-    splits = make_splits(ds, cfg)
-    pairs = make_pairs(cached, splits.train)
+    img_enc, txt_enc = load_encoder(cfg.encoders["image"]), load_encoder(cfg.encoders["text"])
+    cached = cache_features(ds, {"image": img_enc, "text": txt_enc}, cfg.layers, cfg.extract, log=lambda s: None)
+    splits = make_splits(ds, cfg.data)
+    pairs = make_pairs(cached, splits.train, "image", "text")
+    x, y = cached["image"].features, cached["text"].features
     rss_before = peak_rss_mb()
     base = train_config(get_recipe(args.recipe), {})
 
     rows, speed = [], {}
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        tcfg = dataclasses.replace(base, batch_size=bs, max_steps=args.steps, eval_every=0, patience=0)
+        tcfg = base.model_copy(update={"batch_size": bs, "max_steps": args.steps, "eval_every": 0, "patience": 0})
         t0 = time.perf_counter()
-        res = train(cached.image, cached.text, pairs, tcfg, log=None)
+        res = train(x, y, pairs, tcfg, log=None)
         secs = time.perf_counter() - t0
         speed[bs] = min(bs, len(pairs)) * res.steps / secs
         rows.append([bs, res.steps, f"{secs:.2f}", f"{speed[bs]:.0f}"])
     table1 = markdown(["batch size", "steps", "seconds", "pairs/s"], rows)
 
-    validate = validator(cached, txt_enc, splits.val, cfg)
+    validate = validator(cached, txt_enc, cfg.layers_of("text"), splits.val, "image", cfg.eval.templates)
     t0 = time.perf_counter()
-    res = train(cached.image, cached.text, pairs, base, validate, log=None)
+    res = train(x, y, pairs, base, validate, log=None)
     converge = {"seconds": time.perf_counter() - t0, "steps": res.steps, "best_step": res.best_step,
                 "best_val_score": res.best_score, "pairs": len(pairs), "parameters": res.parameters}
     table2 = markdown(["recipe", "training pairs", "steps (early stop)", "best step", "seconds to converge",
@@ -59,7 +59,7 @@ def main() -> None:
                         f"{rss_before:.0f} / {peak_rss_mb():.0f}"]])
     # the default preset is training-free: time its fit on the same pairs
     t0 = time.perf_counter()
-    _, _, info = fit_projection(cached, pairs, get_recipe(cfg.recipe), cfg, None, None, log=lambda s: None)
+    info = fit(get_recipe(cfg.recipe), cfg.train, x, y, pairs, ("image", "text"), log=lambda s: None).info
     fit_s = time.perf_counter() - t0
     table2 += "\n\n" + markdown(["default preset", "anchor pairs", "seconds to fit"], [[cfg.recipe, info["n_pairs"], f"{fit_s:.2f}"]])
     converge["default_preset_fit_seconds"] = fit_s

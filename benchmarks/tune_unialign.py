@@ -25,10 +25,10 @@ import torch
 
 from _common import command, markdown, write
 from recipes import Bench, _flatten, quiet
-from unialign import pipeline as P
-from unialign.evaluate.templates import get_templates
+from unialign_train.data.emoji import PROTOCOL
+from unialign_train.evaluate import evaluate_split
 
-STYLES = P.EMOJI_TRAIN_STYLES
+STYLES = PROTOCOL["train_styles"]
 
 
 def heldout_style_score(bench: Bench, recipe: str, held: str, overrides: dict[str, Any] | None = None,
@@ -39,8 +39,8 @@ def heldout_style_score(bench: Bench, recipe: str, held: str, overrides: dict[st
     cfg = bench.config(recipe, seed, None, {"data.train_styles": others, "data.test_styles": [held], **(overrides or {})})
     model, splits, _, _ = bench.fit(cfg, seed)
     val_in_held = bench.ds.indices(styles=[held], concepts=splits.concepts["val"])
-    recs = P.evaluate_split(model, bench.cached, val_in_held, f"emoji-val-{held}", get_templates(cfg.eval.templates),
-                            [1, 5, 10], recipe, "")
+    recs = evaluate_split(model, bench.cached, val_in_held, f"emoji-val-{held}", ("image", "text"), cfg.eval.templates,
+                          [1, 5, 10], recipe, "")
     return _flatten(recs)
 
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         for kp in (x for x in args.kp.split(",") if x):
             k, p = kp.split(":")
             params = {"k": int(k), "p": float(p), "center": True, "nuisance_rank": r}
-            rows.append(candidate(bench, f"asif k={k} p={p} nuisance_rank={r}", "asif", {"params": params}))
+            rows.append(candidate(bench, f"asif k={k} p={p} nuisance_rank={r}", "asif", params))
     for recipe in (x for x in args.recipes.split(",") if x):
         rows.append(candidate(bench, f"recipe {recipe}", recipe))
     table = markdown(["candidate (style-held-out validation)", "acc1 %", "acc5 %", "R@10 %",

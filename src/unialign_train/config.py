@@ -1,8 +1,9 @@
 """The run configuration: data, validated by pydantic, with one source of defaults.
 
 The built-in default is the data file ``configs/default.yaml`` inside this package (the emoji job). A
-user's YAML or TOML file is merged onto it field by field (mappings merge key by key, a ``null`` value
-inside a mapping such as ``eval.zero_shot_sets`` removes that key), then ``--set a.b=value`` overrides,
+user's YAML or TOML file is merged onto it field by field (mappings merge key by key, ``{}`` empties a
+mapping, a ``null`` value inside one such as ``eval.zero_shot_sets`` removes that key), then ``--set
+a.b=value`` overrides,
 then everything is validated: types, ranges and choices from the registries of encoders' modalities,
 recipes, heads, losses and templates. Every error names the dotted field and what it accepts
 (``train.lr: Input should be greater than 0 (got -1)``), in one line, before any data or model is loaded.
@@ -18,7 +19,7 @@ import copy
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -30,7 +31,7 @@ from .align.recipes import RECIPES, closed_form_params, get_recipe, train_config
 from .data.protocol import DataConfig
 from .evaluate.tasks import EvalConfig
 from .features.cache import ExtractConfig
-from .validate import describe
+from .validate import describe, one_of
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
@@ -42,7 +43,7 @@ class RunConfig(BaseModel):
 
     name: str
     output: str
-    recipe: str
+    recipe: Annotated[str, one_of(RECIPES, "recipe", ordered=True)]
     device: str = Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     align: tuple[str, str]
     data: DataConfig
@@ -51,13 +52,6 @@ class RunConfig(BaseModel):
     extract: ExtractConfig
     train: dict[str, Any]
     eval: EvalConfig
-
-    @field_validator("recipe")
-    @classmethod
-    def _recipe(cls, v: str) -> str:
-        if v not in RECIPES:
-            raise ValueError(f"{v!r} is not a recipe; accepted: {', '.join(RECIPES)}")
-        return v
 
     @field_validator("align")
     @classmethod
@@ -104,10 +98,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """``update`` onto ``base``: mappings merge key by key; a ``None`` inside a merged mapping deletes the key."""
+    """``update`` onto ``base``: mappings merge key by key, except that an empty mapping replaces (``{}``
+    means none); a ``None`` inside a merged mapping deletes the key."""
     out = copy.deepcopy(base)
     for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if isinstance(v, dict) and v and isinstance(out.get(k), dict):
             out[k] = merge(out[k], v)
         elif v is None and isinstance(out.get(k), dict):
             del out[k]

@@ -1,7 +1,9 @@
 """Configuration errors in one line each: pydantic's errors with the dotted name of the bad field."""
 from __future__ import annotations
 
-from pydantic import ValidationError
+from typing import Any, Iterable
+
+from pydantic import AfterValidator, ValidationError
 
 
 def describe(e: ValidationError, prefix: str = "") -> str:
@@ -17,4 +19,16 @@ def describe(e: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
-__all__ = ["describe"]
+def one_of(names: Iterable[str], what: str, ordered: bool = False) -> AfterValidator:
+    """A pydantic validator: the value (or None) must be one of ``names`` (a registry's keys); the error
+    lists what is accepted, sorted unless ``ordered``."""
+    def check(value: Any) -> Any:
+        if value is not None and value not in names:
+            shown = list(names) if ordered else sorted(names)
+            raise ValueError(f"{value!r} is not a {what}; accepted: {', '.join(shown)}")
+        return value
+
+    return AfterValidator(check)
+
+
+__all__ = ["describe", "one_of"]

@@ -19,7 +19,7 @@ import mmap
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from unialign.io import atomic_path
 from unialign.projections import HEADS, Tower, count_parameters
 
 from ..features.cache import Features
+from ..validate import one_of
 from . import distributed as D
 from .losses import LOSSES, make_loss, multi_positive, structure_regularizer
 from .pairs import Pairs
@@ -41,12 +42,14 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    head: str = Field("linear", description="head of the first modality (and of the second unless text_head)")
-    text_head: str | None = Field(None, description="head of the second modality; null: same as head")
+    head: Annotated[str, one_of(HEADS, "head")] = Field("linear", description="head of the first modality (and of "
+                                                                             "the second unless text_head)")
+    text_head: Annotated[str | None, one_of(HEADS, "head")] = Field(None, description="head of the second modality; "
+                                                                                       "null: same as head")
     head_options: dict[str, dict[str, Any]] = Field(default_factory=dict,
                                                     description="options per side: {all|<modality>: {...}}")
     dim: PositiveInt = Field(256, description="width of the shared space")
-    loss: str = "infonce"
+    loss: Annotated[str, one_of(LOSSES, "loss")] = "infonce"
     loss_options: dict[str, Any] = Field(default_factory=dict)
     captions_per_step: PositiveInt = Field(1, description=">1: SAIL multi-positive, one loss block per second-"
                                                           "modality item drawn")
@@ -71,20 +74,6 @@ class TrainConfig(BaseModel):
     chunk_size: PositiveInt = 4096
     shuffle_chunks: PositiveInt = 16
     distributed: Literal["auto", "off"] = "auto"
-
-    @field_validator("head", "text_head")
-    @classmethod
-    def _head(cls, v: str | None) -> str | None:
-        if v is not None and v not in HEADS:
-            raise ValueError(f"{v!r} is not a head; accepted: {', '.join(sorted(HEADS))}")
-        return v
-
-    @field_validator("loss")
-    @classmethod
-    def _loss(cls, v: str) -> str:
-        if v not in LOSSES:
-            raise ValueError(f"{v!r} is not a loss; accepted: {', '.join(sorted(LOSSES))}")
-        return v
 
     @field_validator("betas")
     @classmethod
