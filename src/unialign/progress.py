@@ -45,4 +45,23 @@ def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None,
                 mininterval=LOG_INTERVAL, maxinterval=LOG_INTERVAL * 4, ascii=True, dynamic_ncols=False, ncols=100)
 
 
-__all__ = ["LOG_INTERVAL", "is_terminal", "progress"]
+def quiet_hub_bars() -> None:
+    """Off a terminal, also silence the bars transformers and huggingface_hub draw themselves (weight
+    loading, downloads): they do not go through :func:`progress` and would flood the log the same way."""
+    if is_terminal():
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency of sentence-transformers
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+__all__ = ["LOG_INTERVAL", "is_terminal", "progress", "quiet_hub_bars"]

@@ -18,7 +18,7 @@ from unialign.results import markdown_table, write_results
 from .align import fit, get_recipe, make_pairs
 from .config import RunConfig, to_dict
 from .data import Splits, heldout_name, load_dataset, make_splits
-from .evaluate import classification, evaluate_split, validator, zero_shot_set
+from .evaluate import classification, evaluate_split, validator, zero_shot_sets
 from .features import Cached, cache_features
 
 Log = Callable[[str], None]
@@ -56,13 +56,7 @@ def evaluate_model(model: AlignedModel, cfg: RunConfig, cached: Cached, splits: 
     ks = cfg.eval.retrieval_ks
     records = evaluate_split(model, cached, splits.test, heldout_name(cached.dataset, splits), cfg.align,
                              cfg.eval.templates, ks, cfg.name, cfg.output)
-    query = [m for m in cfg.align if m != "text"]
-    for name, zs in cfg.eval.zero_shot_sets.items():
-        ds = zero_shot_set(zs)
-        if len(query) != 1 or query[0] not in ds.modalities:
-            log(f"zero-shot set {name} skipped: it has no {' or '.join(query) or 'non-text'} items")
-            continue
-        q = query[0]
+    for name, zs, ds, q in zero_shot_sets(cfg.eval.zero_shot_sets, cfg.align, log):
         zc = cache_features(ds, {q: model.encoders[q]}, {q: model.layers[q]}, cfg.extract, log)
         records.append(classification(model, zc, range(len(ds)), q, name, zs.templates, cfg.name, cfg.output))
     return records

@@ -297,7 +297,8 @@ def report(run_dir: str | Path, out: str | Path | None = None, n_queries: int = 
     from unialign.results import result_rows
 
     from .data import DataConfig, heldout_name, load_dataset, make_splits
-    from .evaluate.tasks import EvalConfig, zero_shot_set
+    from .evaluate.tasks import EvalConfig
+    from .evaluate.tasks import zero_shot_sets as zero_shot_sets_of
     from .features.cache import ExtractConfig, cache_features
 
     run_dir = Path(run_dir)
@@ -316,10 +317,10 @@ def report(run_dir: str | Path, out: str | Path | None = None, n_queries: int = 
     records = [json.loads(p.read_text()) for p in sorted((run_dir / "results").glob("*.json"))]
     history = [json.loads(l) for l in (run_dir / "history.jsonl").read_text().splitlines() if l.strip()] \
         if (run_dir / "history.jsonl").exists() else []
-    sets = eval_cfg.zero_shot_sets if zero_shot_sets is not False else {}
+    sets = zero_shot_sets_of(eval_cfg.zero_shot_sets, align, log) if zero_shot_sets is not False else []
     written: dict[str, Path] = {}
     sections: list = []
-    steps = ["curves", "model + features", f"zero-shot {data_cfg.dataset}", *(f"zero-shot {n}" for n in sets),
+    steps = ["curves", "model + features", f"zero-shot {data_cfg.dataset}", *(f"zero-shot {n}" for n, *_ in sets),
              "retrieval examples", "pages"]
     bar = progress(total=len(steps), desc="report", disable=not show_progress)
 
@@ -350,13 +351,12 @@ def report(run_dir: str | Path, out: str | Path | None = None, n_queries: int = 
     saved = {(r["dataset"], r["task"]): r for r in records}
     check_rows, per_class_sections = [], []
     evals: list[tuple[str, Any, Any, str]] = [(tag, cached, splits.test, eval_cfg.templates)]
-    evals += [(name, zs, None, zs.templates) for name, zs in sets.items()]
+    evals += [(name, zds, None, zs.templates) for name, zs, zds, _ in sets]
     for name, c, idx, templates in evals:
         bar.set_postfix_str(f"zero-shot {name}")
         if idx is None:  # a zero-shot set: the same records the run scored (its limit applies here too)
-            zds = zero_shot_set(c)
-            c, idx = cache_features(zds, {query: model.encoders[query]}, model.layers, extract_cfg, quiet,
-                                    show_progress=False), np.arange(len(zds))
+            c, idx = cache_features(c, {query: model.encoders[query]}, model.layers, extract_cfg, quiet,
+                                    show_progress=False), np.arange(len(c))
         zs = zero_shot_predictions(model, c, idx, name, query, templates)
         rec = saved.get((name, "zeroshot_classification"))
         chance = rec["chance"]["acc1"] if rec and "chance" in rec else None

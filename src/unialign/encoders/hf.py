@@ -39,6 +39,9 @@ FINAL_NORMS = ("layernorm", "post_layernorm", "vision_model.post_layernorm", "no
 def load_hf_encoder(name: str, device: str | torch.device | None = None, **options: Any) -> Encoder:
     from transformers import AutoConfig
 
+    from ..progress import quiet_hub_bars
+
+    quiet_hub_bars()
     if not name:
         raise ConfigError("hf: needs a model id or a local path, e.g. hf:facebook/dinov2-base")
     local = Path(name).expanduser()

@@ -69,6 +69,9 @@ class SentenceTransformerEncoder(Encoder):
         opts = check_options(f"st:{name}", options, DEFAULTS)
         from sentence_transformers import SentenceTransformer
 
+        from ..progress import quiet_hub_bars
+
+        quiet_hub_bars()
         try:  # v6 layout; v3-v5 export it from sentence_transformers.models
             from sentence_transformers.base.modules.normalize import Normalize
         except ImportError:  # pragma: no cover

@@ -64,6 +64,21 @@ def zero_shot_set(zs: ZeroShotSet) -> Dataset:
     return balanced_subset(ds, zs.limit, seed=0) if zs.limit else ds
 
 
+def zero_shot_sets(sets: dict[str, ZeroShotSet], align: Sequence[str], log: Callable[[str], None] = print
+                   ) -> list[tuple[str, ZeroShotSet, Dataset, str]]:
+    """(name, set, records, query modality) of each zero-shot set a model aligning ``align`` can score:
+    one whose records carry the model's non-text modality; the others are skipped with a log line."""
+    query = [m for m in align if m != "text"]
+    usable = []
+    for name, zs in sets.items():
+        ds = zero_shot_set(zs)
+        if len(query) != 1 or query[0] not in ds.modalities:
+            log(f"zero-shot set {name} skipped: it has no {' or '.join(query) or 'non-text'} items")
+            continue
+        usable.append((name, zs, ds, query[0]))
+    return usable
+
+
 def class_names_and_labels(ds: Dataset, kept: Sequence[int]) -> tuple[list[str], list[int]]:
     """The zero-shot classes of an evaluation split and each record's class index: all classes of a
     labelled set, else the concepts present in the split (in first-appearance order)."""
