@@ -26,7 +26,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pyarrow.parquet as pq
+
+from unialign_serve.index import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -219,7 +220,9 @@ def main() -> None:
         print(f"server ready in {time.time() - t0:.1f}s: {health['model']['image_encoder']} + "
               f"{health['model']['text_encoder']}, {health['index']['size']} images", flush=True)
         idx_dir = Path(health["index"]["dir"])
-        meta = pq.read_table(idx_dir / "metadata.parquet", columns=["row", "path", "label"]).to_pydict()
+        table = read_metadata(idx_dir)
+        meta = {"row": table.column("row").to_pylist(), "path": table.column("image_path").to_pylist(),
+                "label": table.column("label").to_pylist()}
         warm = plan(args.warmup, meta, args.search_share, args.seed + 1)
         asyncio.run(run_load(url, warm, args.concurrency))
         reqs = plan(args.requests, meta, args.search_share, args.seed)

@@ -103,3 +103,15 @@ def real_emoji_features(tmp_path_factory: pytest.TempPathFactory) -> RealEmoji:
         m.features.arrays = [np.asarray(a[np.arange(len(a))], dtype=np.float32) for a in m.features.arrays]
     n_train = len(ds.indices(styles=TRAIN_STYLES, concepts=train_c))
     return RealEmoji(cached, sub, np.arange(n_train), np.arange(n_train, len(sub)), txt_enc, img_enc)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: small training steps ran several times faster on one thread than on
+    two on this project's 2-core machines (the second thread waits on a busy core)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

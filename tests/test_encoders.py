@@ -16,6 +16,16 @@ from unialign.encoders import FINAL, load_encoder, parse_spec
 from unialign.encoders.base import ImageTransform, masked_mean
 from unialign.errors import ConfigError
 
+@pytest.fixture(scope="module", autouse=True)
+def torch_backend():
+    """The tests here check each encoder's PyTorch path against its library's own outputs, to 1e-6 where
+    it is the same computation: run them on torch whatever ``auto`` would pick (ONNX Runtime agrees
+    to float32 rounding only; tests/test_backends.py checks that agreement)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UNIALIGN_BACKEND", "torch")
+        yield
+
+
 WORDS = ["a", "an", "cat", "dog", "grinning", "face", "red", "heart", "of", "emoji", "with", "big", "eyes"]
 
 
@@ -229,3 +239,23 @@ def test_image_transform_alpha_and_crop() -> None:
     clear = Image.new("RGBA", (8, 6), (0, 0, 0, 0))
     x = t(clear)
     assert x.shape == (3, 4, 4) and torch.allclose(x, torch.ones_like(x))  # transparent -> white
+
+
+def test_encode_batches_texts_by_length_and_keeps_input_order() -> None:
+    """Texts are batched longest first (less padding), and the rows come back in input order."""
+    from tiny import TinyTextEncoder
+
+    class Recording(TinyTextEncoder):
+        batches: list = []
+
+        def forward(self, batch, layers=(FINAL,)):
+            self.batches.append(list(batch))
+            return super().forward(batch, layers)
+
+    texts = ["a", "a much longer caption of many words", "mid length", "xyz", "another long caption here"]
+    enc = Recording()
+    out = enc.encode(texts, batch_size=2)
+    assert [len(b[0]) for b in enc.batches] == sorted((len(b[0]) for b in enc.batches), reverse=True)
+    assert enc.batches[0] == [texts[1], texts[4]]
+    # TinyTextEncoder encodes each text on its own: the same computation whatever the batch
+    assert np.array_equal(out, np.concatenate([enc.encode([t]) for t in texts]))

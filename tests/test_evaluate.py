@@ -53,6 +53,25 @@ def test_retrieval_with_several_captions():
     assert s["text_retrieval_recall@1"] == pytest.approx(1.0)
 
 
+def test_retrieval_chunks_and_ties_follow_clip_benchmark():
+    """Chunking the similarity matrix changes nothing; exact ties (two identical captions of different
+    images) are broken by torch.topk over ``texts @ images.T`` as CLIP_benchmark breaks them."""
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(40, 16, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(120, 16, generator=g), dim=-1)
+    t2i = np.repeat(np.arange(40), 3)
+    txt[3] = txt[0]  # caption 3 (image 1) is caption 0 (image 0) again: a tie for every image query
+    whole = retrieval_scores(img, txt, t2i, ks=(1, 5))
+    assert retrieval_scores(img, txt, t2i, ks=(1, 5), budget=7) == whole  # same values, same hits
+    sim = txt @ img.T  # CB's recall_at_k, written out
+    pos = torch.zeros_like(sim, dtype=torch.bool)
+    pos[torch.arange(120), torch.as_tensor(t2i)] = True
+    for k in (1, 5):
+        cb_i = pos.gather(1, torch.topk(sim, k, dim=1)[1]).any(1).float().mean().item()
+        cb_t = pos.T.gather(1, torch.topk(sim.T, k, dim=1)[1]).any(1).float().mean().item()
+        assert whole[f"image_retrieval_recall@{k}"] == cb_i and whole[f"text_retrieval_recall@{k}"] == cb_t
+
+
 def test_chance_levels_match_simulation():
     torch.manual_seed(0)
     t2i = np.repeat(np.arange(50), 3)

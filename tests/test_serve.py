@@ -4,6 +4,8 @@ from __future__ import annotations
 import io
 import json
 import sys
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +17,10 @@ from fastapi.testclient import TestClient  # noqa: E402
 from unialign.encoders import register_encoder  # noqa: E402
 from unialign.errors import UnialignError  # noqa: E402
 from unialign.model import AlignedModel  # noqa: E402
-from unialign_serve.app import Limits, create_app  # noqa: E402
+from unialign_serve.app import (IMAGE_TYPES, NONBLANK, SPACE, Limits, create_app, labels_pattern,  # noqa: E402
+                                 templates_pattern)
 from unialign.search import build_index as make_faiss_index  # noqa: E402
-from unialign_serve.index import ImageIndex, build_index  # noqa: E402
+from unialign_serve.index import EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE, ImageIndex, build_index  # noqa: E402
 
 from tiny import TinyImageEncoder, TinyTextEncoder, make_image_dataset, tiny_model  # noqa: E402
 
@@ -38,6 +41,9 @@ def png_bytes(size: tuple[int, int] = (20, 20), color: tuple[int, int, int] = (2
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("serve")
     model_dir = tiny_model(root / "model")
+    calibrated = AlignedModel.from_pretrained(model_dir)  # so that /match answers (its own tests: test_consistency.py)
+    calibrated.info["match"] = {"a": 8.0, "b": -2.0, "n_pairs": 0, "fitted_on": "set by hand for the server tests"}
+    calibrated.save_pretrained(model_dir)
     images = root / "images"
     make_image_dataset(images, n=30)
     index_dir = build_index(model_dir, str(images), root / "index", store=root / "store", num_workers=0,
@@ -61,13 +67,65 @@ def error_of(r, status: int) -> str:
 # -- index ------------------------------------------------------------------------------------------
 def test_index_folder_explains_itself(built: dict) -> None:
     folder = built["index"]
-    assert {p.name for p in folder.iterdir()} >= {"index.faiss", "metadata.parquet", "index.json", "README.md"}
+    assert {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} == {
+        "image.index", "metadata/metadata_0.parquet", "img_emb/img_emb_0.npy", "index.json", "README.md"}
     info = json.loads((folder / "index.json").read_text())
+    assert info["format"] == "unialign-index/2"
     assert info["counts"] == {"items": 30, "indexed": 30, "skipped": 0}
     assert info["model"]["dir"] == str(built["model"].resolve())
     assert info["index"]["kind"] == "flat" and info["dim"] == 8
     idx = ImageIndex.load(folder)
-    assert len(idx) == 30 and idx.meta["path"][3].endswith("img_003.png")
+    assert len(idx) == 30 and idx.path(3).endswith("img_003.png")
+
+
+def test_index_folder_has_clip_retrievals_layout(built: dict) -> None:
+    """What clip-retrieval's readers expect (clip_back.load_index / ParquetMetadataProvider on the indice
+    folder; embedding-reader / autofaiss on img_emb/ + metadata/): the names, a float32 (rows, dim) array in
+    the same row order as the index and the metadata, absolute `image_path`s and a `caption` column."""
+    import faiss
+    import pyarrow.parquet as pq
+
+    folder = built["index"]
+    assert (INDEX_FILE, METADATA_FILE, EMBEDDINGS_FILE) == (
+        "image.index", "metadata/metadata_0.parquet", "img_emb/img_emb_0.npy")
+    index = faiss.read_index(str(folder / INDEX_FILE))
+    vectors = np.load(folder / EMBEDDINGS_FILE)
+    assert vectors.dtype == np.float32 and vectors.shape == (index.ntotal, index.d) == (30, 8)
+    # the array is what was added to the flat index: the same floats, along one code path
+    assert np.array_equal(vectors, index.reconstruct_n(0, index.ntotal))
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+    meta = pq.read_table(folder / METADATA_FILE)
+    assert meta.num_rows == 30 and meta.column_names[:2] == ["image_path", "caption"]
+    assert meta.schema.field("image_path").type == meta.schema.field("caption").type == "string"
+    paths = meta.column("image_path").to_pylist()
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in paths)
+    assert [Path(p).name for p in paths] == [f"img_{i:03d}.png" for i in range(30)]
+    # row i of the metadata is row i of the index: the image's own vector is its nearest neighbour
+    model = AlignedModel.from_pretrained(built["model"])
+    q = np.asarray(model.encode([paths[11]], "image", normalize_embeddings=True), dtype=np.float32)
+    assert index.search(q, 1)[1][0, 0] == 11
+
+
+def test_index_without_embeddings_and_rebuild_in_place(built: dict, tmp_path) -> None:
+    out = tmp_path / "ix"
+    build_index(built["model"], str(built["images"]), out, store=built["root"] / "store", num_workers=0,
+                show_progress=False)
+    (out / "metadata" / "metadata_9.parquet").write_bytes((out / METADATA_FILE).read_bytes())  # a stale part
+    idx = build_index(built["model"], str(built["images"]), out, store=built["root"] / "store", num_workers=0,
+                      embeddings=False, show_progress=False)
+    assert not (out / "img_emb" / "img_emb_0.npy").exists() and idx.info["files"]["embeddings"] is None
+    assert sorted(p.name for p in (out / "metadata").iterdir()) == ["metadata_0.parquet"]
+    assert len(ImageIndex.load(out)) == 30
+
+
+def test_old_index_layout_asks_for_a_rebuild(built: dict, tmp_path) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "index.json").write_text(json.dumps({"format": "unialign-index/1"}))
+    for name in ("index.faiss", "metadata.parquet"):
+        (old / name).write_bytes(b"")
+    with pytest.raises(UnialignError, match=r"old layout .* rebuild it with `unialign index`"):
+        ImageIndex.load(old)
 
 
 def test_index_search_finds_an_indexed_image_first(built: dict) -> None:
@@ -111,7 +169,7 @@ def test_index_command(built: dict, tmp_path) -> None:
     r = CliRunner().invoke(app, ["index", "--model", str(built["model"]), "--images", str(built["images"]),
                                  "--out", str(tmp_path / "ix"), "--store", str(built["root"] / "store"), "--workers", "0"])
     assert r.exit_code == 0, r.output
-    assert "30 images" in r.output and (tmp_path / "ix" / "index.faiss").exists()
+    assert "30 images" in r.output and (tmp_path / "ix" / "image.index").exists()
 
 
 # -- startup errors ------------------------------------------------------------------------------
@@ -170,10 +228,11 @@ def test_embed_text(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize("payload,needle", [
-    ([], "empty"),
-    (["a"] * 5, "batch limit is 4"),
-    (["ok", "  "], "text 1 is empty"),
-    (["x" * 101], "limit is 100"),
+    ([], "body: List should have at least 1 item"),
+    (["a"] * 5, "body: List should have at most 4 items"),
+    (["ok", "  "], "body 1: is blank"),
+    (["ok", "\u3000\u2003\n"], "body 1: is blank"),  # Unicode white space is blank too
+    (["x" * 101], "body 0: String should have at most 100 characters"),
     ({"texts": ["a"]}, "invalid request"),
     ([1, 2], "invalid request"),
 ])
@@ -184,6 +243,13 @@ def test_embed_text_bad_input(client: TestClient, payload, needle: str) -> None:
 def test_embed_text_malformed_json(client: TestClient) -> None:
     r = client.post("/embed/text", content=b"[not json", headers={"content-type": "application/json"})
     assert "invalid request" in error_of(r, 422)
+
+
+def test_unparsable_bodies_are_400(client: TestClient) -> None:
+    not_utf8 = client.post("/embed/text", content=b'["caf\xe9"]', headers={"content-type": "application/json"})
+    assert "parsing the body" in error_of(not_utf8, 400)
+    for body, ctype in [(b"garbage", "multipart/form-data; boundary=xyz"), (b"x", "multipart/form-data")]:
+        assert "multipart" in error_of(client.post("/embed/image", content=body, headers={"content-type": ctype}), 400)
 
 
 def test_embed_image(client: TestClient) -> None:
@@ -198,11 +264,12 @@ def test_embed_image_bad_input(client: TestClient) -> None:
     assert "notes.txt" in msg and "not a readable image" in msg
     msg = error_of(client.post("/embed/image", files={"file": ("big.png", png_bytes((400, 400)), "image/png")}), 413)
     assert "400x400" in msg and "limit" in msg
-    error_of(client.post("/embed/image", files={"file": ("empty.png", b"", "image/png")}), 422)
+    empty = client.post("/embed/image", files={"file": ("empty.png", b"", "image/png")})
+    assert "empty.png: file is empty" in error_of(empty, 415)
     trunc = png_bytes((50, 50))[:60]
     assert "truncated" in error_of(client.post("/embed/image", files={"file": ("t.png", trunc, "image/png")}), 415)
     many = [("file", (f"{i}.png", png_bytes(), "image/png")) for i in range(5)]
-    assert "batch limit" in error_of(client.post("/embed/image", files=many), 422)
+    assert "body file: List should have at most 4 items" in error_of(client.post("/embed/image", files=many), 422)
     assert "file" in error_of(client.post("/embed/image", data={"x": "1"}), 422)
 
 
@@ -224,7 +291,7 @@ def test_oversize_streamed_body_is_413(client: TestClient) -> None:
 
 
 def test_classify(client: TestClient, built: dict) -> None:
-    data = {"labels": "thing 1, thing 2 ,thing 3,, thing 1"}
+    data = {"labels": "thing 1, thing 2 ,thing 3\n thing 1"}
     files = {"file": ("img.png", (built["images"] / "img_001.png").read_bytes(), "image/png")}
     body = client.post("/classify", data=data, files=files).json()
     assert [l["label"] for l in body["labels"]].count("thing 1") == 1 and len(body["labels"]) == 3
@@ -236,12 +303,20 @@ def test_classify(client: TestClient, built: dict) -> None:
     assert custom["templates"] == ["a picture of {}", "{}"]
 
 
-def test_classify_bad_input(client: TestClient) -> None:
+def test_classify_labels_and_templates_follow_their_patterns(client: TestClient) -> None:
     img = {"file": ("a.png", png_bytes(), "image/png")}
-    assert "no labels" in error_of(client.post("/classify", data={"labels": " , ,"}, files=img), 422)
-    assert "limit is 5" in error_of(client.post("/classify", data={"labels": "a,b,c,d,e,f"}, files=img), 422)
-    assert "templates" in error_of(client.post("/classify", data={"labels": "a", "templates": "nonsense"}, files=img), 422)
-    assert "labels" in error_of(client.post("/classify", files=img), 422)
+    ok = client.post("/classify", data={"labels": "cat,\u3000dog\r\nrocket\n", "templates": "  photo "}, files=img)
+    assert ok.status_code == 200, ok.text
+    assert sorted(l["label"] for l in ok.json()["labels"]) == ["cat", "dog", "rocket"]
+    assert len(ok.json()["templates"]) > 1  # the named set, not a template called "photo"
+    assert "5 labels" in error_of(client.post("/classify", data={"labels": "a,b,c,d,e,f"}, files=img), 422)
+    for labels in (" , ,", "a,,b", ", a", "a, b,,"):
+        assert "none of them blank" in error_of(client.post("/classify", data={"labels": labels}, files=img), 422)
+    for templates in ("nonsense", "a {} {b}", "{} and {}", "a {}|", "x {0}"):
+        # "a {} {b}" passed the old check (one "{}") and failed in str.format: a 500
+        msg = error_of(client.post("/classify", data={"labels": "a", "templates": templates}, files=img), 422)
+        assert "templates" in msg and "no other brace" in msg, templates
+    assert "labels: is required" in error_of(client.post("/classify", files=img), 422)
     bad = {"file": ("x.pdf", b"%PDF-1.4 nope", "application/pdf")}
     assert "not a readable image" in error_of(client.post("/classify", data={"labels": "a,b"}, files=bad), 415)
 
@@ -257,8 +332,9 @@ def test_search_text_and_image_urls(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize("params,needle", [
-    ({"q": ""}, "empty"),
-    ({"q": "   "}, "empty"),
+    ({"q": ""}, "q: String should have at least 1 character"),
+    ({"q": "   "}, "q: is blank"),
+    ({"q": "\u00a0\u2029"}, "q: is blank"),
     ({}, "q: is required"),
     ({"q": "x", "k": 11}, "less than or equal to 10"),
     ({"q": "x", "k": 0}, "greater than or equal to 1"),
@@ -281,8 +357,67 @@ def test_search_by_image(client: TestClient, built: dict) -> None:
 def test_unknown_image_row_and_endpoint(client: TestClient) -> None:
     assert "no image at row 999" in error_of(client.get("/images/999"), 404)
     assert "path parameter row" in error_of(client.get("/images/abc"), 422)
+    assert "greater than or equal to 0" in error_of(client.get("/images/-1"), 422)
     assert "no such endpoint" in error_of(client.get("/nope"), 404)
-    assert "not allowed" in error_of(client.get("/classify"), 405)
+
+
+@pytest.mark.parametrize("method,path,allowed", [("GET", "/classify", {"POST"}), ("TRACE", "/health", {"GET"}),
+                                                 ("DELETE", "/images/3", {"GET"}), ("HEAD", "/search", {"GET"})])
+def test_405_says_which_methods_are_allowed(client: TestClient, method: str, path: str, allowed: set) -> None:
+    r = client.request(method, path)
+    assert r.status_code == 405 and (method == "HEAD" or "not allowed" in error_of(r, 405))
+    assert {m.strip() for m in r.headers["allow"].split(",")} == allowed
+
+
+def test_openapi_states_the_rules_the_server_checks(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    schemas, paths = spec["components"]["schemas"], spec["paths"]
+    texts = paths["/embed/text"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert (texts["minItems"], texts["maxItems"]) == (1, 4)
+    assert (texts["items"]["minLength"], texts["items"]["maxLength"], texts["items"]["pattern"]) == (1, 100, NONBLANK)
+    q, k = (p["schema"] for p in paths["/search"]["get"]["parameters"])
+    assert (q["minLength"], q["maxLength"], q["pattern"]) == (1, 100, NONBLANK)
+    assert k["minimum"] == 1 and k["default"] <= k["maximum"] == 10
+    assert paths["/images/{row}"]["get"]["parameters"][0]["schema"]["minimum"] == 0
+    files = schemas["Body_embed_image_embed_image_post"]["properties"]["file"]
+    assert (files["minItems"], files["maxItems"], files["items"]["format"]) == (1, 4, "binary")
+    classify = schemas["Body_classify_classify_post"]["properties"]
+    assert classify["file"]["format"] == "binary"
+    assert classify["labels"]["pattern"] == labels_pattern(5) and classify["labels"]["maxLength"] == 500
+    assert classify["templates"]["pattern"] == templates_pattern(["emoji", "photo", "plain"])
+    for path in ("/embed/image", "/classify", "/search/image"):
+        encoding = paths[path]["post"]["requestBody"]["content"]["multipart/form-data"]["encoding"]
+        assert encoding["file"]["contentType"] == ", ".join(IMAGE_TYPES)
+    documented = {(path, code) for path, ops in paths.items() for op in ops.values() for code in op["responses"]}
+    for path, codes in [("/health", "413"), ("/embed/text", "400 413 422"), ("/embed/image", "400 413 415 422"),
+                        ("/classify", "400 413 415 422"), ("/search", "404 413 422"),
+                        ("/search/image", "400 404 413 415 422"), ("/images/{row}", "404 413 422")]:
+        assert {c for p, c in documented if p == path and c.startswith("4")} == set(codes.split()), path
+    errors = [r for ops in paths.values() for op in ops.values() for c, r in op["responses"].items() if c[0] == "4"]
+    assert all(r["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorOut"} for r in errors)
+    assert "HTTPValidationError" not in schemas
+
+
+@pytest.mark.parametrize("text,blank", [("a", False), (" \t\n", True), ("\u3000\u2003\u00a0\u0085", True),
+                                        ("\x1c", False), ("\ufeff", False), ("", True)])
+def test_blank_means_the_same_to_the_pattern_pydantic_and_the_handlers(text: str, blank: bool) -> None:
+    """Python's `\\s` and str.strip() count U+001C..U+001F as white space, JavaScript's U+FEFF, Rust's neither:
+    NONBLANK spells Unicode White_Space out, and SPACE strips exactly that."""
+    import re
+
+    from pydantic import StringConstraints, TypeAdapter
+    from typing import Annotated
+
+    def valid(value: str) -> bool:
+        try:
+            TypeAdapter(Annotated[str, StringConstraints(pattern=NONBLANK)]).validate_python(value)
+            return True
+        except ValueError:
+            return False
+
+    assert valid(text) is (not blank)
+    assert (re.search(NONBLANK, text) is None) is blank
+    assert (text.strip(SPACE) == "") is blank
 
 
 def test_without_index_search_says_so(built: dict) -> None:
@@ -302,3 +437,76 @@ def test_lru_peek_counts_as_a_use():
     assert cache.peek("hot") == 1 and cache.peek("missing") is None
     cache.get("b", lambda: 3)  # evicts the least recently used: "a", not "hot"
     assert cache.peek("hot") == 1 and cache.peek("a") is None
+
+
+# -- the schema is the behaviour: schemathesis, every phase and check ---------------------------------
+def run_schemathesis(app, max_examples: int, seed: int) -> tuple[list[str], Counter]:
+    """What `SCHEMATHESIS_HOOKS=tests/schemathesis_hooks.py schemathesis --config-file tests/schemathesis.toml
+    run <url>/openapi.json --checks all` does
+    (every phase: examples, coverage, fuzzing, stateful), in-process against the ASGI ``app``. Returns the
+    failed checks, one line each, and the answers counted by (operation, method sent, status)."""
+    import schemathesis
+    from schemathesis.engine import events, from_schema
+
+    import schemathesis_hooks  # noqa: F401  (registers its filter_failure hook)
+
+    config = schemathesis.Config.from_path(Path(__file__).with_name("schemathesis.toml"))
+    config.update(seed=seed, max_failures=None)
+    config.projects.override.checks.update(included_check_names=["all"])
+    config.projects.override.generation.update(max_examples=max_examples, database="none")
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=config)
+    failures, answers = [], Counter()
+    for event in from_schema(schema).execute():
+        if isinstance(event, (events.NonFatalError, events.FatalError)):
+            failures.append(f"schemathesis could not run: {event}")
+        if not isinstance(event, events.ScenarioFinished):
+            continue
+        for case_id, interaction in event.recorder.interactions.items():
+            if interaction.response is not None:
+                operation = event.recorder.cases[case_id].value.operation.label
+                answers[operation, interaction.request.method, interaction.response.status_code] += 1
+        for case_id, checks in event.recorder.checks.items():
+            for check in checks:
+                if check.failure_info is not None:
+                    response = event.recorder.interactions[case_id].response
+                    answer = f"HTTP {response.status_code} {response.content[:300]!r}" if response else "no answer"
+                    failures.append(f"{event.phase.value} {event.recorder.label}: {check.name}: "
+                                    f"{check.failure_info.failure.title}: {answer}\n{check.failure_info.code_sample}")
+    return failures, answers
+
+
+def test_schemathesis_finds_no_contract_failure_and_no_5xx(client: TestClient) -> None:
+    """The schema says what the server does: undeclared methods get 405 with Allow, every schema-valid
+    request is accepted (a 415 for a file that is not an image aside, see tests/schemathesis.toml), every
+    schema-breaking one refused with a documented 4xx, every answer matches its documented schema."""
+    pytest.importorskip("schemathesis")
+    failures, answers = run_schemathesis(client.app, max_examples=15, seed=1)
+    assert not failures, "\n\n".join(failures)
+    assert not [key for key in answers if key[2] >= 500]
+    operations = {op for op, _, _ in answers}
+    assert operations == {"GET /health", "POST /embed/text", "POST /embed/image", "POST /classify", "GET /search",
+                          "POST /search/image", "GET /images/{row}", "POST /match"}
+    uploads = {"POST /embed/image", "POST /classify", "POST /search/image", "POST /match"}
+    for op in operations:  # each took schema-valid data, refused schema-breaking data, and other methods
+        method = op.split()[0]
+        # an upload is accepted only when schemathesis picked one of its image samples (else 415)
+        assert answers[op, method, 200] + (answers[op, method, 415] if op in uploads else 0) > 0, op
+        assert sum(n for (o, m, status), n in answers.items() if o == op and m != method and status == 405) > 0, op
+        if op != "GET /health":
+            assert sum(n for (o, m, status), n in answers.items() if o == op and status == 422) > 0, op
+    assert sum(answers[op, "POST", 200] for op in uploads) > 0  # real images were decoded and embedded
+
+
+def test_labels_limit_stays_within_what_a_pattern_can_hold() -> None:
+    """The labels pattern holds one copy of a label's pattern per label; pydantic's regex engine refuses
+    programs over 10 MiB, so the limit is checked when the limits are made, not at the first request."""
+    from typing import Annotated
+
+    from pydantic import StringConstraints, TypeAdapter
+
+    largest = TypeAdapter(Annotated[str, StringConstraints(pattern=labels_pattern(Limits(max_labels=1000).max_labels))])
+    assert largest.validate_python(",".join(["cat"] * 1000))
+    with pytest.raises(ValueError):
+        largest.validate_python(",".join(["cat"] * 1001))
+    with pytest.raises(UnialignError, match="max_labels must be 1 to 1000"):
+        Limits(max_labels=5000)

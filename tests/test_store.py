@@ -1,6 +1,7 @@
 """Feature store: layout, memory-mapped reads, resume after a kill, bad inputs, integrity checks."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -150,3 +151,78 @@ def test_kill_and_resume_is_byte_identical(tmp_path):
     resumed = extract(ds, TinyImageEncoder(), out, shard_size=4, batch_size=2, num_workers=0, show_progress=False)
     assert _arrays(out) == _arrays(tmp_path / "ref")
     assert resumed.manifest["shards"] == ref.manifest["shards"]
+
+
+# -- text batching and backends -------------------------------------------------------------------------
+class _RecordingText(TinyTextEncoder):
+    """Records each batch it is given (the strings, in order)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[str]] = []
+
+    def forward(self, batch, layers=("final",)):
+        self.batches.append(list(batch))
+        return super().forward(batch, layers)
+
+
+def test_text_batched_longest_first_within_shards_rows_in_item_order(tmp_path):
+    ds = make_image_dataset(tmp_path / "imgs", n=30)
+    enc = _RecordingText()
+    store = extract(ds, enc, tmp_path / "txt", shard_size=16, batch_size=5, dtype="float32", show_progress=False)
+    items = ds.unique_items("text")
+    shard_of = {t: i // 16 for i, t in enumerate(items)}
+    for b in enc.batches:
+        assert [len(t) for t in b] == sorted((len(t) for t in b), reverse=True)  # less padding per batch
+        assert len({shard_of[t] for t in b}) == 1  # never across a shard: resume stays byte-identical
+    assert max(len(t) for t in enc.batches[0]) == max(len(t) for t in items[:16])
+    assert store.items() == items and store.index.tolist() == list(range(len(items)))
+    # each row is its own text's features (TinyTextEncoder encodes each text on its own: same computation)
+    assert np.array_equal(store.array().numpy(), TinyTextEncoder().encode(items, batch_size=1))
+
+
+def test_store_records_its_backend_and_is_never_mixed_with_another(tmp_path, monkeypatch):
+    """One spec, two machines' defaults: the backend separates the stores, names itself in the
+    manifest, and a folder begun by one backend is neither reused nor resumed by the other."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from graph_encoders import TinyConvEncoder
+    from unialign_train.features import default_store_path
+    from unialign_train.features.cache import ExtractConfig, cache_features
+
+    monkeypatch.setenv("UNIALIGN_HOME", str(tmp_path / "home"))
+    ds = make_image_dataset(tmp_path / "imgs", n=12)
+    monkeypatch.setenv("UNIALIGN_BACKEND", "torch")
+    eager = TinyConvEncoder()
+    monkeypatch.setenv("UNIALIGN_BACKEND", "onnx")
+    onnx = TinyConvEncoder()
+    assert eager.spec == onnx.spec == "tiny-conv" and (eager.backend, onnx.backend) == ("torch", "onnx")
+    assert default_store_path(ds, eager) != default_store_path(ds, onnx)
+
+    kw = dict(layers=["conv"], shard_size=5, batch_size=4, dtype="float32", num_workers=0, show_progress=False)
+    t = extract(ds, eager, tmp_path / "st", **kw)
+    assert t.backend == "torch" and t.manifest["backend"] == "torch" and t.encoder["backend"] == "torch"
+    with pytest.raises(StoreError, match="written by the torch backend, this encoder runs on onnx"):
+        extract(ds, onnx, tmp_path / "st", **kw)
+    (tmp_path / "st/manifest.json").unlink()  # an unfinished torch store: not resumed by onnx either
+    (tmp_path / "st/shards/shard_00002.json").unlink()
+    with pytest.raises(StoreError, match="backend"):
+        extract(ds, onnx, tmp_path / "st", **kw)
+    o = extract(ds, onnx, tmp_path / "onnx", **kw)
+    assert o.backend == "onnx"
+    for layer in ("final", "conv"):  # the same features to float32 rounding
+        np.testing.assert_allclose(o.array(layer).numpy(), t.array(layer).numpy(), rtol=0, atol=1e-5)
+
+    lines: list[str] = []
+    cache_features(ds, {"image": onnx}, {"image": ["final"]}, ExtractConfig(batch_size=4, dtype="float16",
+                   num_workers=0, strict=False), log=lines.append, show_progress=False)
+    assert lines[0] == "image encoder tiny-conv runs on onnx: " + onnx.runtime.describe()
+
+
+def test_stores_from_before_backends_read_as_torch(tmp_path):
+    ds = make_image_dataset(tmp_path / "imgs", n=6)
+    store = extract(ds, TinyImageEncoder(), tmp_path / "st", shard_size=6, num_workers=0, show_progress=False)
+    manifest = store.manifest
+    del manifest["backend"], manifest["encoder"]["backend"]
+    (tmp_path / "st/manifest.json").write_text(json.dumps(manifest))
+    assert FeatureStore.open(tmp_path / "st").backend == "torch"

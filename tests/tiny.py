@@ -89,6 +89,21 @@ def register_tiny() -> None:
     register_encoder("tiny-text", lambda name, device=None, **o: TinyTextEncoder(), "tiny-text")
 
 
+def tiny_bert(folder: Path, words: Sequence[str] = ()) -> Path:
+    """A saved 2-layer BERT (random weights, word-level vocabulary of ``words`` plus a few common ones)
+    with its tokenizer: a real ``hf:`` text encoder, tokenizer included, built in milliseconds."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    torch.manual_seed(0)
+    common = ["a", "an", "of", "the", "emoji", "icon", "square", "photo", "cat", "dog", "face", "red", "blue", "green"]
+    vocab = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *common, *(w.lower() for w in words)]))
+    folder.mkdir(parents=True, exist_ok=True)
+    BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, model_max_length=32).save_pretrained(folder)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
+    return folder
+
+
 def tiny_model(folder: Path, out_dim: int = 8, seed: int = 0) -> Path:
     """A saved AlignedModel of the tiny encoders with linear towers (random, standardised as fitted
     heads are), for tests of what uses a model: index, server, export, faults."""

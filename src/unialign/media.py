@@ -11,10 +11,10 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ImageLoadError
+from .standalone.imaging import to_rgb  # shipped with sentence-transformers exports, hence standalone
 
 # Pillow's decompression-bomb guard, made an error instead of a warning: 8192 x 8192 is far above
 # anything an encoder looks at, far below what exhausts memory.
@@ -59,30 +59,6 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_IMAGE_PI
         raise ImageLoadError(where, f"image too large (decompression bomb guard): {e}", too_large=True) from None
     except Exception as e:  # PIL raises many types for bad files; all mean "not a readable image"
         raise ImageLoadError(where, f"not a readable image ({type(e).__name__}: {e})") from None
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode (P, PA, LA, RGBA, CMYK, I;16, I, F, L, 1) to 8-bit RGB; transparency becomes white.
-
-    High-bit-depth images are scaled by their type's full range (16-bit: 65535, float: 1.0), not by
-    the image's own maximum, so a dark 16-bit photo stays dark instead of being stretched to white.
-    """
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        if im.mode == "F":
-            top = 1.0 if arr.size == 0 or arr.max() <= 1.0 else 255.0
-        elif im.mode == "I" and arr.size and arr.max() > 65535:
-            top = float(arr.max())
-        else:
-            top = 65535.0
-        im = Image.fromarray((arr / top * 255.0).round().clip(0, 255).astype(np.uint8), "L")
-    if im.mode in ("P", "PA", "LA", "RGBa") or (im.mode in ("L", "RGB") and "transparency" in im.info):
-        im = im.convert("RGBA")
-    if im.mode == "RGBA":
-        bg = Image.new("RGB", im.size, (255, 255, 255))
-        bg.paste(im, mask=im.getchannel("A"))
-        return bg
-    return im.convert("RGB")
 
 
 __all__ = ["MAX_IMAGE_PIXELS", "load_image", "to_rgb"]

@@ -159,8 +159,19 @@ class AlignedModel(nn.Module):
         return self._encode_batch("image", image, normalize)
 
     def encode_text(self, text: Any, normalize: bool = False) -> torch.Tensor:
-        """open_clip: the tokenizer's output for a batch of texts (or a list of strings) -> (B, d)."""
+        """open_clip: token ids from :func:`unialign.openclip.create_model_and_transforms`'s tokenizer
+        (or a list of strings) -> (B, d); another tokenizer's ids are refused with a clear error."""
         return self._encode_batch("text", text, normalize)
+
+    @property
+    def visual(self) -> "ImageTower":
+        """open_clip's ``model.visual``: pixels -> image embeddings, with ``image_size``."""
+        return ImageTower(self)
+
+    @property
+    def context_length(self) -> int:
+        """open_clip's ``model.context_length``: the width of the tokenizer's output."""
+        return int(self.text_encoder.context_length)
 
     def _encode_batch(self, modality: str, batch: Any, normalize: bool) -> torch.Tensor:
         enc = self._encoder(modality)
@@ -191,6 +202,27 @@ class AlignedModel(nn.Module):
         emb = self.encode(list(inputs), modality, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
         probs = (self.logit_scale.exp().cpu() * emb.cpu() @ weights.T).softmax(-1)
         return [[(labels[j], float(row[j])) for j in torch.argsort(row, descending=True).tolist()] for row in probs]
+
+    def match(self, images: Sequence[Any], texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """For each image and the text at the same position (or one image and each of several texts), the
+        calibrated probability that they match: an image-text consistency check, where a swapped caption
+        or image scores low. The calibration, ``P = sigmoid(a * cos + b)`` of the pair's cosine in the
+        shared space, is fitted on validation pairs by ``unialign fuse consistency --save-calibration`` and
+        kept in ``info["match"]``."""
+        cal = self.info.get("match")
+        if not cal:
+            raise UnialignError("this model has no match calibration; fit one with `unialign fuse consistency "
+                                "--model <folder> --save-calibration`")
+        images, texts = list(images), [str(t) for t in texts]
+        if len(images) != len(texts) and len(images) != 1:
+            raise UnialignError(f"match takes pairs (or one image for several texts): got {len(images)} images "
+                                f"and {len(texts)} texts")
+        if not texts:
+            return np.zeros(0)
+        img = self.encode(images, "image", batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
+        txt = self.encode(texts, "text", batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
+        cos = (img.cpu() * txt.cpu()).sum(-1).double()  # one image row broadcasts over the texts
+        return torch.sigmoid(float(cal["a"]) * cos + float(cal["b"])).numpy()
 
     @staticmethod
     def similarity(a: Any, b: Any) -> torch.Tensor:
@@ -280,6 +312,24 @@ class AlignedModel(nn.Module):
         return model.to(dev).eval()
 
 
+class ImageTower(nn.Module):
+    """A view on an AlignedModel's image side as open_clip's ``model.visual`` (``visual(pixels)`` is
+    ``encode_image(pixels)``). It registers no modules of its own, so the model's state is unchanged."""
+
+    def __init__(self, model: AlignedModel):
+        super().__init__()
+        self.__dict__["_model"] = model  # not a submodule: no second copy in state_dict / parameters
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(height, width) of the pixels the preprocess transform makes (None when it does not say)."""
+        size = getattr(getattr(self._model.image_encoder.loader(), "transform", None), "size", None)
+        return (int(size[0]), int(size[1])) if size is not None else None
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._model.encode_image(pixels)
+
+
 def _is_single(inputs: Any, modality: str | None) -> bool:
     """One raw input rather than a batch: a string, a path, a PIL image, a 1-D vector, a CHW tensor."""
     if isinstance(inputs, (str, bytes, os.PathLike)) or hasattr(inputs, "getpixel"):
@@ -314,4 +364,4 @@ def model_card(config: dict[str, Any], results: Sequence[dict[str, Any]] | None)
     return "\n".join(lines)
 
 
-__all__ = ["AlignedModel", "CONFIG_NAME", "FORMAT", "WEIGHTS_NAME", "model_card"]
+__all__ = ["AlignedModel", "CONFIG_NAME", "FORMAT", "ImageTower", "WEIGHTS_NAME", "model_card"]

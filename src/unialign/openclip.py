@@ -12,7 +12,8 @@
 The model *is* the :class:`~unialign.model.AlignedModel` (an ``nn.Module`` with open_clip's
 ``encode_image`` / ``encode_text(normalize=)``, ``forward`` and log ``logit_scale``); this module only
 adds the two callables: ``preprocess(PIL image) -> CHW tensor`` (the image encoder's own picklable
-loader, so it runs in DataLoader workers) and ``tokenizer(str | list[str]) -> tokens``.
+loader, so it runs in DataLoader workers) and ``tokenizer(str | list[str]) -> token ids`` (the text
+encoder's own tokenizer, padded to ``tokenizer.context_length``).
 
 Unlike ``open_clip.create_model_and_transforms`` (which returns two transforms, train and val) this
 returns ``(model, preprocess, tokenizer)``, CLIP_benchmark's ``load_clip`` triple: frozen encoders
@@ -25,30 +26,30 @@ from typing import Any, Sequence
 
 import torch
 
+from .encoders.base import TextEncoder
+from .errors import UnialignError
 from .model import AlignedModel
 
-__all__ = ["TextTokens", "Tokenizer", "create_model_and_transforms"]
-
-
-class TextTokens(list):
-    """The tokenizer's output: the texts themselves (unialign's text encoders tokenize inside
-    ``forward``), with ``.to(device)`` so ``tokenizer(texts).to(device)`` works as with token tensors."""
-
-    def to(self, *args: Any, **kwargs: Any) -> "TextTokens":
-        return self
+__all__ = ["Tokenizer", "create_model_and_transforms", "load_clip_benchmark"]
 
 
 class Tokenizer:
-    """``tokenizer(str | list[str]) -> TextTokens``; the text encoder truncates at its own maximum length."""
+    """open_clip's tokenizer contract: ``tokenizer(str | list[str]) -> LongTensor (N, context_length)``,
+    the text encoder's own tokenizer, padded to its maximum length (``context_length``). The model's
+    ``encode_text`` reads the ids back (attention mask = ids != pad) and refuses other tokenizers' ids."""
 
-    def __init__(self, text_encoder_spec: str = ""):
-        self.spec = text_encoder_spec
+    def __init__(self, text_encoder: TextEncoder):
+        self.encoder = text_encoder
 
-    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> TextTokens:
-        return TextTokens([texts] if isinstance(texts, str) else [str(t) for t in texts])
+    @property
+    def context_length(self) -> int:
+        return self.encoder.context_length
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        return self.encoder.tokenize(texts, context_length)
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.spec!r})"
+        return f"Tokenizer({self.encoder.spec!r}, context_length={self.context_length})"
 
 
 def create_model_and_transforms(model: str | os.PathLike | AlignedModel, device: str | torch.device | None = None
@@ -58,4 +59,14 @@ def create_model_and_transforms(model: str | os.PathLike | AlignedModel, device:
     m = model if isinstance(model, AlignedModel) else AlignedModel.from_pretrained(model, device=device)
     if device is not None:
         m.to(device)
-    return m.eval(), m.image_encoder.loader(), Tokenizer(m.text_encoder.spec)
+    text = m.text_encoder
+    if not isinstance(text, TextEncoder):
+        raise UnialignError(f"{text.spec} has no tokenizer; the open_clip interface needs a text encoder that has one")
+    return m.eval(), m.image_encoder.loader(), Tokenizer(text)
+
+
+def load_clip_benchmark(model_name: str, pretrained: str, cache_dir: str | None = None,
+                        device: str | torch.device = "cpu") -> tuple[AlignedModel, Any, Tokenizer]:
+    """CLIP_benchmark's loader signature (an entry of its ``TYPE2FUNC``): ``pretrained`` is the saved
+    model folder; ``model_name`` only names the model in result files."""
+    return create_model_and_transforms(pretrained, device=device)

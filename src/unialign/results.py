@@ -26,9 +26,16 @@ def record(dataset: str, model: str, pretrained: str, task: str, metrics: dict[s
 
 def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     """Rows: dataset, task, metric, score (%), chance (%), score / chance."""
-    rows = ["| dataset | task | metric | score % | chance % | x chance |", "|---|---|---|---:|---:|---:|"]
-    rows += ["| " + " | ".join(r) + " |" for r in result_rows(records)]
-    return "\n".join(rows)
+    return markdown_rows(["dataset", "task", "metric", "score %", "chance %", "x chance"], result_rows(records),
+                         align="lllrrr")
+
+
+def markdown_rows(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> str:
+    """A Markdown table; ``align`` has one letter per column, ``r`` for right-aligned (numbers)."""
+    rule = ["---:" if align[i:i + 1] == "r" else "---" for i in range(len(header))]
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
 
 
 def result_rows(records: Sequence[dict[str, Any]]) -> list[list[str]]:
@@ -44,10 +51,25 @@ def result_rows(records: Sequence[dict[str, Any]]) -> list[list[str]]:
 
 
 def result_name(r: dict[str, Any]) -> str:
-    """CLIP_benchmark's default output name, ``{dataset}_{pretrained}_{model}_{language}_{task}.json``, each
-    part made file-name safe (a ``pretrained`` path becomes its last component)."""
-    parts = [r["dataset"], Path(str(r["pretrained"])).name or str(r["pretrained"]), r["model"], r.get("language", "en"), r["task"]]
-    return "_".join(re.sub(r"[^A-Za-z0-9._+-]+", "-", str(p)).strip("-") for p in parts) + ".json"
+    """CLIP_benchmark's default output name, ``{dataset}_{pretrained}_{model}_{language}_{task}.json``,
+    each part made file-name safe; a ``pretrained`` path counts by its last component, as CB counts a
+    checkpoint file (:func:`cb_output_template` gives CB the same name for a model folder)."""
+    parts = [r["dataset"], _pretrained_slug(str(r["pretrained"])), r["model"], r.get("language", "en"), r["task"]]
+    return "_".join(_safe(p) for p in parts) + ".json"
+
+
+def cb_output_template(pretrained: str) -> str:
+    """CB's ``--output`` template for a model folder: CB itself shortens only checkpoint *files* to their
+    name and would put a folder's slashes into the file name."""
+    return "{dataset}_" + _safe(_pretrained_slug(pretrained)) + "_{model}_{language}_{task}.json"
+
+
+def _pretrained_slug(pretrained: str) -> str:
+    return Path(pretrained).name or pretrained
+
+
+def _safe(part: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", str(part)).strip("-")
 
 
 def _retrieval_order(metric: str) -> tuple[str, int]:

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from . import curate, data, export, report, run, select, serve
+from . import benchmark, curate, data, export, fuse, report, run, select, serve
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Align frozen unimodal encoders into one multimodal, CLIP-style model on cached features.")
@@ -15,8 +15,10 @@ for name, fn in [("run", run.run_command), ("train", run.train_command), ("eval"
                  ("recipes", run.recipes_command), ("data", data.data_command), ("extract", data.extract_command),
                  ("select", select.select_command), ("curate", curate.curate_command),
                  ("index", serve.index_command), ("serve", serve.serve_command), ("report", report.report_command),
-                 ("export", export.export_command)]:
+                 ("export", export.export_command),
+                 ("benchmark", benchmark.benchmark_command)]:
     app.command(name)(fn)
+app.add_typer(fuse.app, name="fuse")
 
 
 def main() -> None:

@@ -35,21 +35,14 @@ def eval_command(
 ) -> None:
     """Evaluate a saved model on the protocol it was made with (held-out concepts, zero-shot sets)."""
     from unialign.io import read_json
-    from unialign.model import AlignedModel
     from unialign.results import markdown_table, write_results
-    from unialign_train.data import load_dataset, make_splits
-    from unialign_train.features import cache_features
-    from unialign_train.pipeline import evaluate_model
+    from unialign_train.pipeline import evaluate_saved
 
     saved: dict = {}
     if config is None and (model / "config.json").exists():  # the protocol the model was made with
         run_cfg = (read_json(model / "config.json").get("info") or {}).get("config") or {}
         saved = {k: run_cfg[k] for k in ("name", "output", "align", "data", "eval", "extract") if k in run_cfg}
-    cfg = load_run_config(config, set_, saved)
-    m = AlignedModel.from_pretrained(model, device=cfg.device)
-    ds = load_dataset(cfg.data.dataset)
-    cached = cache_features(ds, {k: m.encoders[k] for k in cfg.align}, m.layers, cfg.extract, typer.echo)
-    records = evaluate_model(m, cfg, cached, make_splits(ds, cfg.data), typer.echo)
+    records = evaluate_saved(model, load_run_config(config, set_, saved), typer.echo)
     write_results(output or model.parent / "results", records)
     typer.echo(markdown_table(records))
 

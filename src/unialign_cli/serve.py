@@ -11,7 +11,8 @@ def index_command(
     model: Path = typer.Option(..., help="A saved model folder (from `unialign run` / `unialign train`)."),
     images: str = typer.Option(..., help="What to index: an image folder (flat or one subfolder per class), "
                                          "a .csv/.jsonl/.parquet table, or a dataset name such as emoji."),
-    out: Path = typer.Option(..., help="Index folder to write (index.faiss, metadata.parquet, index.json)."),
+    out: Path = typer.Option(..., help="Index folder to write (image.index, metadata/, img_emb/, index.json: "
+                                      "clip-retrieval's layout, so its tools read it too)."),
     kind: str = typer.Option("auto", help="flat (exact), hnsw, ivf, or auto: flat below --threshold vectors, hnsw above."),
     threshold: int = typer.Option(100_000, min=1, help="Size from which kind=auto switches from exact to HNSW."),
     styles: Optional[str] = typer.Option(None, help="Comma-separated styles to keep (e.g. apple for emoji)."),
@@ -19,6 +20,8 @@ def index_command(
     store: Optional[Path] = typer.Option(None, help="Feature store folder (default: under $UNIALIGN_HOME/features)."),
     batch_size: int = typer.Option(64, min=1),
     workers: Optional[int] = typer.Option(None, min=0, help="Image decoding workers (default: cores - 1, at most 4)."),
+    embeddings: bool = typer.Option(True, help="Also write the vectors as img_emb/img_emb_0.npy (for clip-retrieval "
+                                               "index, autofaiss, embedding-reader); they are inside image.index too."),
     overwrite: bool = typer.Option(False, help="Write into --out even if it holds something other than an index."),
 ) -> None:
     """Embed an image collection with a model's image side into a searchable FAISS index (resumable)."""
@@ -29,7 +32,8 @@ def index_command(
         raise typer.BadParameter(f"--kind must be one of {list(KINDS)}, got {kind!r}")
     idx = build_index(model, images, out, kind=kind, threshold=threshold, store=store,
                       styles=[s.strip() for s in styles.split(",") if s.strip()] if styles else None, limit=limit,
-                      batch_size=batch_size, num_workers=workers, overwrite=overwrite, log=typer.echo)
+                      batch_size=batch_size, num_workers=workers, embeddings=embeddings, overwrite=overwrite,
+                      log=typer.echo)
     c = idx.info["counts"]
     typer.echo(f"index ready: {out} ({c['indexed']} images, {c['skipped']} skipped, {idx.info['index']['kind']}); "
                f"serve it with: unialign serve --model {model} --index {out}")

@@ -4,12 +4,20 @@ Building goes through the feature store, so it is resumable and a rebuild reuses
 images -> the model's frozen image encoder (its layers) -> :func:`~unialign.features.extract.extract`
 -> the model's image projection -> L2-normalised vectors -> FAISS (inner product = cosine).
 
-Folder layout (explains itself)::
+Folder layout (explains itself; clip-retrieval's names, so its tools read the same folder)::
 
-    <index>/index.faiss        the FAISS index; row i of the index is row i of metadata.parquet
-    <index>/metadata.parquet   row, dataset index, id, absolute image path, label, concept, style, caption
-    <index>/index.json         format, model folder + encoder specs, dataset, counts, index kind, store
-    <index>/README.md          how it was built and how to load it
+    <index>/image.index                   the FAISS index; row i of the index is row i of the metadata
+    <index>/metadata/metadata_0.parquet   image_path (absolute), caption, row, dataset index, id, label, concept, style
+    <index>/img_emb/img_emb_0.npy         the vectors, float32 (rows, dim); left out with embeddings=False
+    <index>/index.json                    format, model folder + encoder specs, dataset, counts, index kind, store
+    <index>/README.md                     how it was built and how to load it
+
+``clip-retrieval back`` serves ``image.index`` + ``metadata/`` as an "indice folder" (its
+``columns_to_return`` default names ``image_path`` and ``caption``); ``img_emb/`` + ``metadata/`` are
+the layout of ``clip-retrieval inference`` output, which ``clip-retrieval index``, autofaiss and
+embedding-reader read (one ``.npy`` and one ``.parquet`` per part, paired by sorted name). The vectors
+in ``img_emb/`` are also inside ``image.index`` (every kind here stores them); they are there for those
+tools and to re-index without re-encoding, and ``embeddings=False`` (``--no-embeddings``) leaves them out.
 
 Index kinds (built by :func:`unialign.search.build_index`): ``flat`` (exact) is the default below
 ``threshold`` vectors; above it, ``auto`` picks ``hnsw``. ``ivf`` can be asked for explicitly. Search
@@ -33,7 +41,11 @@ from unialign.search import INDEX_KINDS as KINDS
 from unialign.search import build_index as build_faiss_index
 from unialign.search import topk
 
-FORMAT = "unialign-index/1"
+FORMAT = "unialign-index/2"
+INDEX_FILE = "image.index"
+METADATA_FILE = "metadata/metadata_0.parquet"
+EMBEDDINGS_FILE = "img_emb/img_emb_0.npy"
+OLD_FILES = ("index.faiss", "metadata.parquet")  # unialign-index/1, before clip-retrieval's names
 
 
 class IndexError_(UnialignError):
@@ -83,12 +95,14 @@ def _check_kind(kind: str) -> None:
 def build_index(model: Any, images: str | Any, out: str | Path, *, kind: str = "auto",
                 threshold: int = DEFAULT_THRESHOLD, store: str | Path | None = None, styles: Sequence[str] | None = None,
                 limit: int | None = None, batch_size: int = 64, num_workers: int | None = None,
-                overwrite: bool = False, show_progress: bool = True, log: Any = None) -> "ImageIndex":
+                embeddings: bool = True, overwrite: bool = False, show_progress: bool = True,
+                log: Any = None) -> "ImageIndex":
     """Embed a collection with ``model`` (an :class:`AlignedModel` or its folder) into an index folder.
 
     ``images`` is a dataset spec / image folder, or a Dataset. Features go through the resumable
     feature store (``store``, default under ``$UNIALIGN_HOME/features``): an interrupted run resumes,
-    and a rerun reuses the cached features.
+    and a rerun reuses the cached features. ``embeddings=False`` writes no ``img_emb/`` (the vectors
+    stay in ``image.index`` only).
     """
     import faiss
 
@@ -124,21 +138,25 @@ def build_index(model: Any, images: str | Any, out: str | Path, *, kind: str = "
     paths = fstore.items()
     rows = [record_of[p] for p in paths]
     recs = [ds.records[i] for i in rows]
-    meta = {
+    meta = {  # clip-retrieval's column names first: image_path, caption
+        "image_path": [str(Path(p).resolve()) for p in paths],
+        "caption": [str(r["text"][0]) if r.get("text") else "" for r in recs],
         "row": list(range(len(rows))),
         "index": rows,
         "id": [str(r["id"]) for r in recs],
-        "path": [str(Path(p).resolve()) for p in paths],
         "label": [str(r.get("label") or "") for r in recs],
         "concept": [str(r.get("concept") or "") for r in recs],
         "style": [str(r.get("style") or "") for r in recs],
-        "caption": [str(r["text"][0]) if r.get("text") else "" for r in recs],
     }
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "index.faiss") as tmp:
+    _remove_stale(out, embeddings)
+    with atomic_path(out / INDEX_FILE) as tmp:
         faiss.write_index(index, str(tmp))
-    with atomic_path(out / "metadata.parquet") as tmp:
+    with atomic_path(out / METADATA_FILE) as tmp:
         pq.write_table(pa.table(meta), tmp)
+    if embeddings:
+        with atomic_path(out / EMBEDDINGS_FILE) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, vectors)
     desc = {
         "format": FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -154,13 +172,23 @@ def build_index(model: Any, images: str | Any, out: str | Path, *, kind: str = "
         "dim": int(vectors.shape[1]),
         "index": {**info, "threshold": threshold, "faiss": faiss.__version__},
         "feature_store": str(Path(fstore.root).resolve()),
-        "files": {"index": "index.faiss", "metadata": "metadata.parquet"},
+        "files": {"index": INDEX_FILE, "metadata": METADATA_FILE, "embeddings": EMBEDDINGS_FILE if embeddings else None},
     }
     write_json(out / "index.json", desc)
     write_text(out / "README.md", _readme(desc))
     log(f"{out}: {index.ntotal} images indexed ({info['kind']}, dim {vectors.shape[1]}), "
         f"{len(fstore.skipped)} skipped; features in {fstore.root}")
     return ImageIndex.load(out)
+
+
+def _remove_stale(out: Path, embeddings: bool) -> None:
+    """Before a rebuild in place: remove what the new build would not overwrite and a reader would still
+    pick up (clip-retrieval reads every part in ``metadata/`` and ``img_emb/``; the old layout's files)."""
+    keep = {out / METADATA_FILE, out / EMBEDDINGS_FILE} if embeddings else {out / METADATA_FILE}
+    stale = [out / f for f in OLD_FILES] + [*(out / "metadata").glob("*.parquet"), *(out / "img_emb").glob("*.npy")]
+    for f in stale:
+        if f not in keep and f.is_file():
+            f.unlink()
 
 
 def _readme(desc: dict[str, Any]) -> str:
@@ -172,9 +200,14 @@ def _readme(desc: dict[str, Any]) -> str:
         f"embedded by the aligned model `{desc['model']['dir']}` (image encoder `{desc['model']['image_encoder']}`) "
         f"into {desc['dim']}-d normalised vectors; FAISS `{desc['index']['kind']}` index, inner product = cosine.",
         "",
-        "- `index.faiss`: the index; row i is row i of `metadata.parquet`",
-        "- `metadata.parquet`: row, dataset index, id, path, label, concept, style, caption",
+        f"- `{INDEX_FILE}`: the FAISS index; row i is row i of `{METADATA_FILE}`",
+        f"- `{METADATA_FILE}`: image_path, caption, row, dataset index, id, label, concept, style",
+        *([f"- `{EMBEDDINGS_FILE}`: the same vectors, float32 ({c['indexed']}, {desc['dim']})"]
+          if desc["files"]["embeddings"] else []),
         "- `index.json`: how it was built (model, collection, counts, index parameters, feature store)",
+        "",
+        "clip-retrieval reads this folder as it is: `clip-retrieval back` as an indice folder (image.index + "
+        "metadata/), and `clip-retrieval index` / autofaiss / embedding-reader as embeddings (img_emb/ + metadata/).",
         "",
         "```python",
         "from unialign import AlignedModel",
@@ -190,6 +223,13 @@ def _readme(desc: dict[str, Any]) -> str:
 
 
 # -- load / search ----------------------------------------------------------------------------------
+def read_metadata(root: str | Path) -> pa.Table:
+    """The metadata of an index folder, read as clip-retrieval reads it: every ``metadata/*.parquet``, in
+    sorted order, one table (row i describes index row i)."""
+    parts = sorted((Path(root) / "metadata").glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in parts])
+
+
 @dataclass
 class Hit:
     row: int
@@ -216,13 +256,16 @@ class ImageIndex:
         if not (root / "index.json").exists():
             raise IndexError_(f"{root} is not a unialign index (no index.json); build one with `unialign index`")
         info = read_json(root / "index.json")
+        if info.get("format") == "unialign-index/1":
+            raise IndexError_(f"{root} is an index in the old layout ({', '.join(OLD_FILES)}); rebuild it with "
+                              "`unialign index` (it reads the cached features back instead of re-encoding)")
         if info.get("format") != FORMAT:
             raise IndexError_(f"{root}: unsupported index format {info.get('format')!r} (expected {FORMAT})")
-        for f in ("index.faiss", "metadata.parquet"):
+        for f in (INDEX_FILE, METADATA_FILE):
             if not (root / f).exists():
                 raise IndexError_(f"{root}: {f} is missing; rebuild the index")
-        index = faiss.read_index(str(root / "index.faiss"))
-        meta = pq.read_table(root / "metadata.parquet").to_pydict()
+        index = faiss.read_index(str(root / INDEX_FILE))
+        meta = read_metadata(root).to_pydict()
         if index.ntotal != len(meta["row"]):
             raise IndexError_(f"{root}: index holds {index.ntotal} vectors but metadata has {len(meta['row'])} rows")
         return cls(root, info, index, meta)
@@ -248,11 +291,11 @@ class ImageIndex:
             raise IndexError_(f"{self.root} holds {self.dim}-d vectors, the model embeds into {model.embedding_dim}-d")
 
     def path(self, row: int) -> str:
-        return str(self.meta["path"][row])
+        return str(self.meta["image_path"][row])
 
     def hit(self, row: int, score: float) -> Hit:
         m = self.meta
-        return Hit(int(row), float(score), str(m["id"][row]), str(m["path"][row]), str(m["label"][row]),
+        return Hit(int(row), float(score), str(m["id"][row]), str(m["image_path"][row]), str(m["label"][row]),
                    str(m["concept"][row]), str(m["style"][row]), str(m["caption"][row]))
 
     def search(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:

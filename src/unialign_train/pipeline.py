@@ -50,16 +50,25 @@ def train_model(cfg: RunConfig, log: Log = print) -> tuple[AlignedModel, Cached,
     return AlignedModel(encoders, fitted.projections, layers, fitted.logit_scale, info), cached, splits
 
 
-def evaluate_model(model: AlignedModel, cfg: RunConfig, cached: Cached, splits: Splits, log: Log = print
-                   ) -> list[dict[str, Any]]:
-    """The protocol: the held-out split (held-out concepts, in held-out styles), then each zero-shot set."""
+def evaluate_model(model: AlignedModel, cfg: RunConfig, cached: Cached, splits: Splits, pretrained: str,
+                   log: Log = print) -> list[dict[str, Any]]:
+    """The protocol: the held-out split (held-out concepts, in held-out styles), then each zero-shot set.
+    Records name the model as CLIP_benchmark would: ``model`` = the run's name, ``pretrained`` = its folder."""
     ks = cfg.eval.retrieval_ks
     records = evaluate_split(model, cached, splits.test, heldout_name(cached.dataset, splits), cfg.align,
-                             cfg.eval.templates, ks, cfg.name, cfg.output)
+                             cfg.eval.templates, ks, cfg.name, pretrained)
     for name, zs, ds, q in zero_shot_sets(cfg.eval.zero_shot_sets, cfg.align, log):
         zc = cache_features(ds, {q: model.encoders[q]}, {q: model.layers[q]}, cfg.extract, log)
-        records.append(classification(model, zc, range(len(ds)), q, name, zs.templates, cfg.name, cfg.output))
+        records.append(classification(model, zc, range(len(ds)), q, name, zs.templates, cfg.name, pretrained))
     return records
+
+
+def evaluate_saved(model_dir: str | Path, cfg: RunConfig, log: Log = print) -> list[dict[str, Any]]:
+    """``unialign eval``: a saved model scored on ``cfg``'s protocol (features from the cache)."""
+    model = AlignedModel.from_pretrained(model_dir, device=cfg.device)
+    ds = load_dataset(cfg.data.dataset)
+    cached = cache_features(ds, {m: model.encoders[m] for m in cfg.align}, model.layers, cfg.extract, log)
+    return evaluate_model(model, cfg, cached, make_splits(ds, cfg.data), str(model_dir), log)
 
 
 def run(cfg: RunConfig, log: Log = print) -> dict[str, Any]:
@@ -67,7 +76,7 @@ def run(cfg: RunConfig, log: Log = print) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = Path(cfg.output)
     model, cached, splits = train_model(cfg, log)
-    records = evaluate_model(model, cfg, cached, splits, log)
+    records = evaluate_model(model, cfg, cached, splits, str(out / "model"), log)
     model.save_pretrained(out / "model", results=records)
     write_results(out / "results", records)
     info = model.info
@@ -80,4 +89,4 @@ def run(cfg: RunConfig, log: Log = print) -> dict[str, Any]:
     return {"records": records, "info": info, "model_dir": str(out / "model")}
 
 
-__all__ = ["evaluate_model", "run", "train_model"]
+__all__ = ["evaluate_model", "evaluate_saved", "run", "train_model"]

@@ -27,6 +27,7 @@ import numpy as np
 from unialign.io import save_figure, write_text
 from unialign.media import load_image
 from unialign.search import topk
+from unialign.results import markdown_rows
 
 from .evaluate.tasks import zero_shot_predictions as _predictions
 
@@ -246,12 +247,6 @@ def _wrap(text: str, width: int, max_lines: int = 4) -> str:
 
 
 # -- pages -----------------------------------------------------------------------------------------------
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
-
-
 def _html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
@@ -273,7 +268,7 @@ def write_pages(out: Path, sections: list[tuple[str, str, list[tuple[Sequence[st
             md += [f"![{p.stem}]({p.name})", ""]
             body.append(f'<p><img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}" style="max-width:100%"></p>')
         for header, rows in tables:
-            md += [_md_table(header, rows), ""]
+            md += [markdown_rows(header, rows), ""]
             body.append(_html_table(header, rows))
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"

@@ -11,10 +11,18 @@ What a batch is depends on the modality, and the split of work is the same for a
 image -> a normalised CHW tensor) that runs in DataLoader worker processes, and ``forward`` runs the
 model on the stacked tensors in the main process, so decoding never stalls the model. Text encoders
 have no loader: their batches are lists of strings, tokenised inside ``forward``.
+
+Backends: an encoder whose tensor computation is a :class:`~unialign.encoders.runtime.Graph`
+(``graph(layers)``; every packaged encoder) runs it in PyTorch eager or, exported once to ONNX, in
+ONNX Runtime or OpenVINO (``backend=auto|torch|onnx|openvino``, see :mod:`.runtime`). ``forward``
+turns a batch into model inputs (``model_inputs``: pixels, or token ids and masks) and hands them to
+:meth:`Encoder.run_graph`, so every backend computes the same layers from the same inputs. The
+backend that runs is recorded in ``config()`` (hence in feature stores' keys and manifests).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -24,8 +32,11 @@ import torch
 from PIL import Image
 
 from ..device import autocast, pick_device
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..progress import progress
+from ..standalone.imaging import ImageTransform, center_crop  # standalone: shipped with exports
+from ..standalone.pooling import masked_mean
+from .runtime import Graph, Runtime, resolve_backend
 
 FINAL = "final"
 MODALITIES = ("image", "text", "audio", "video", "vector")
@@ -43,6 +54,11 @@ class Encoder(torch.nn.Module):
     dim: int  # size of the "final" output
     version: str  # weights identity (fingerprint or package version); recorded in stores and models
     layer_dims: dict[str, int]  # every key forward() can return, including "final"
+    backend: str = "torch"  # what runs forward: torch | onnx | openvino (resolved, never "auto")
+    quantize: str = "none"  # none | int8 (onnx / openvino graphs only)
+    runtime: Runtime | None = None  # the exported graphs' sessions, for backends other than torch
+    graph_name: str  # names the cache folder of its exported graphs: the spec without backend options
+    channels_last: bool = False  # convolutional nets on CUDA: NHWC activations (tensor-core friendly)
 
     def __init__(self) -> None:
         super().__init__()
@@ -59,9 +75,21 @@ class Encoder(torch.nn.Module):
         are passed to ``forward`` as they are (text)."""
         return None
 
+    def graph_module(self, layers: Sequence[str]) -> torch.nn.Module:
+        """The tensor computation of ``layers``: a module mapping the model inputs (in the order
+        ``model_inputs`` gives them) to a tuple of pooled outputs. What the torch backend runs and
+        what the other backends export, so they compute the same thing."""
+        raise NotImplementedError(f"{type(self).__name__} has no exportable graph")
+
+    def graph(self, layers: Sequence[str]) -> Graph:
+        """:meth:`graph_module` with example inputs and the axes that vary: what an export needs."""
+        raise NotImplementedError(f"{type(self).__name__} has no exportable graph")
+
     def config(self) -> dict[str, Any]:
-        """Everything needed to rebuild this encoder with :func:`unialign.encoders.load_encoder`."""
-        return {"spec": self.spec, "modality": self.modality, "dim": self.dim, "version": self.version}
+        """Everything needed to rebuild this encoder with :func:`unialign.encoders.load_encoder`, and
+        the backend that computes its features (part of a feature store's key)."""
+        return {"spec": self.spec, "modality": self.modality, "dim": self.dim, "version": self.version,
+                "backend": self.backend}
 
     # -- shared -------------------------------------------------------------------------------
     @property
@@ -80,6 +108,37 @@ class Encoder(torch.nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         return self
+
+    def use_backend(self, backend: str = "auto", quantize: str = "none") -> "Encoder":
+        """Choose what runs ``forward`` (call after :meth:`freeze`, once ``version`` is set): ``auto`` is
+        OpenVINO or ONNX Runtime on CPU when installed, else PyTorch. Exported graphs are cached under
+        ``graph_name`` (the spec without backend options, so ``backend=onnx`` and ``auto`` share them)."""
+        self.backend = resolve_backend(str(backend), self.device, str(quantize))
+        self.quantize = str(quantize)
+        self.runtime = None if self.backend == "torch" else Runtime(
+            self.backend, self.quantize, getattr(self, "graph_name", None) or self.spec, {"version": self.version},
+            cuda=self.device.type == "cuda")
+        return self
+
+    def backend_info(self) -> str:
+        """One line saying what computes the features: the backend, its version, device and threads."""
+        if self.runtime is not None:
+            return f"{self.backend}: {self.runtime.describe()}"
+        dev = self.device
+        extra = ", bf16 autocast" if dev.type == "cuda" else ""
+        extra += ", channels_last" if self.channels_last else ""
+        threads = f", {torch.get_num_threads()} threads" if dev.type == "cpu" else ""
+        return f"torch: torch {torch.__version__} ({dev.type}{extra}{threads})"
+
+    def run_graph(self, inputs: dict[str, torch.Tensor], layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``graph(layers)`` on model inputs, on this encoder's backend: eager on its device, or the
+        exported graph (its outputs moved to the encoder's device, as eager's would be)."""
+        layers = list(layers)
+        if self.runtime is not None:
+            out = self.runtime.run(self.graph, inputs, layers)
+            return {k: v.to(self.device) for k, v in out.items()} if self.device.type != "cpu" else out
+        args = [t.to(self.device, non_blocking=True) for t in inputs.values()]
+        return dict(zip(layers, self.graph_module(layers)(*args)))
 
     def train(self, mode: bool = True) -> "Encoder":
         """Frozen encoders stay in eval mode (dropout off, norm statistics fixed) whatever their parent does."""
@@ -131,15 +190,87 @@ class Encoder(torch.nn.Module):
         self.check_layers(layers)
         items = list(inputs)
         show = show_progress_bar if show_progress_bar is not None else len(items) > 4 * batch_size
-        chunks = [self.features(self.collate(items[s : s + batch_size]), layers).cpu()
+        order = length_order(items)  # texts of similar length batched together: less padding to compute
+        chunks = [self.features(self.collate([items[i] for i in order[s : s + batch_size]]), layers).cpu()
                   for s in progress(range(0, len(items), batch_size), desc=f"encode {self.modality}", disable=not show)]
         emb = torch.cat(chunks) if chunks else torch.zeros(0, self.width(layers))
+        emb = emb[torch.from_numpy(np.argsort(order))] if chunks else emb
         if normalize_embeddings:
             emb = torch.nn.functional.normalize(emb, dim=-1)
         return emb.numpy() if convert_to_numpy else emb
 
     def extra_repr(self) -> str:
         return f"spec={self.spec!r}, modality={self.modality}, dim={self.dim}"
+
+
+class TextEncoder(Encoder):
+    """A frozen text encoder with a Hugging Face tokenizer (``self.tokenizer``, ``self.max_length``).
+
+    A batch is a list of strings, or the token ids :meth:`tokenize` made from them: open_clip's
+    tokenizer contract (``tokenizer(texts) -> LongTensor (N, context_length)``, padded with the pad
+    id, the attention mask implied by ``ids != pad``, as open_clip's own HF text towers do), which
+    CLIP_benchmark and clip-retrieval feed to ``encode_text``. Both give the same features: trailing
+    all-padding columns are trimmed, so the model sees what string batches give it. Anything else
+    (another tokenizer's ids, other objects) is refused instead of being embedded as text.
+    """
+
+    modality = "text"
+    tokenizer: Any
+    max_length: int
+
+    @property
+    def context_length(self) -> int:
+        """Width of :meth:`tokenize`'s output: the encoder's maximum sequence length."""
+        return int(self.max_length)
+
+    def tokenize(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        """Token ids (N, context_length), truncated and padded as the encoder itself would."""
+        if context_length is not None and int(context_length) != self.context_length:
+            raise ConfigError(f"{self.spec}: its tokens are {self.context_length} wide (the encoder's maximum "
+                              f"length); context_length={context_length} cannot be honoured")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        check_texts(texts)
+        return self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.context_length,
+                              return_tensors="pt")["input_ids"]
+
+    def inputs_from_ids(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Model inputs (input_ids, attention_mask, token_type_ids where the model takes them) of a
+        :meth:`tokenize` batch, all-padding columns dropped; a tensor it could not have made is an error."""
+        vocab = len(self.tokenizer)
+        if ids.dtype not in (torch.int64, torch.int32) or ids.ndim != 2 or ids.shape[1] != self.context_length:
+            raise DataError(f"{self.spec}: encode_text takes strings or this model's tokenizer output, token ids of "
+                            f"shape (N, {self.context_length}); got a {str(ids.dtype).replace('torch.', '')} tensor "
+                            f"of shape {tuple(ids.shape)} (another tokenizer's ids, e.g. open_clip's 77-wide ones?)")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise DataError(f"{self.spec}: token ids outside its vocabulary [0, {vocab}): not this model's tokens")
+        mask = (ids != self.tokenizer.pad_token_id).long()
+        keep = mask.any(0)
+        inputs = {"input_ids": ids[:, keep].long(), "attention_mask": mask[:, keep]}
+        if "token_type_ids" in self.tokenizer.model_input_names:
+            inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+        return inputs
+
+    def collate(self, items: Sequence[Any]) -> list[str]:
+        texts = list(items)
+        check_texts(texts)
+        return texts
+
+
+def length_order(items: Sequence[Any]) -> np.ndarray:
+    """Positions of ``items`` with strings sorted longest first (a stable order; sentence-transformers'
+    ``encode`` does the same): a text batch is padded to its longest member, so batching texts of
+    similar length computes far fewer padding tokens. Anything but a list of strings keeps its order."""
+    if not items or not all(isinstance(t, str) for t in items):
+        return np.arange(len(items))
+    return np.argsort([-len(t) for t in items], kind="stable")
+
+
+def check_texts(texts: Sequence[Any]) -> None:
+    """Text inputs are strings: anything else would be embedded as its repr, silently."""
+    bad = next((t for t in texts if not isinstance(t, str)), None)
+    if bad is not None:
+        raise DataError(f"text inputs are strings (or a tokenizer's token ids, as one tensor); got a "
+                        f"{type(bad).__name__}")
 
 
 @dataclass(frozen=True)
@@ -162,68 +293,11 @@ class ImageLoader:
         return self.transform(img)
 
 
-@dataclass(frozen=True)
-class ImageTransform:
-    """PIL image -> normalised CHW float tensor, in plain PIL + numpy (torchvision is not a dependency).
-
-    A frozen dataclass of numbers, so it pickles into DataLoader workers and compares by value.
-    Steps: RGB; resize (shorter side to ``resize_shorter``, or exactly to ``resize_hw``); center crop
-    to ``crop_hw``; scale to [0, 1]; subtract ``mean`` and divide by ``std`` per channel.
-    ``resample`` is a PIL filter code (3 = bicubic, 2 = bilinear), as stored in HF processor configs.
-    """
-
-    crop_hw: tuple[int, int] | None
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    resize_shorter: int | None = None
-    resize_hw: tuple[int, int] | None = None
-    resample: int = 3
-    rescale: float = 1.0 / 255.0
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        if img.mode != "RGB":
-            from ..media import to_rgb  # alpha onto white, the same rule as load_image
-
-            img = to_rgb(img)
-        if self.resize_hw is not None:
-            h, w = self.resize_hw
-            if img.size != (w, h):
-                img = img.resize((w, h), resample=self.resample)
-        elif self.resize_shorter is not None:
-            w, h = img.size
-            s = self.resize_shorter / min(w, h)
-            size = (max(1, round(w * s)), max(1, round(h * s)))
-            if size != img.size:
-                img = img.resize(size, resample=self.resample)
-        if self.crop_hw is not None:
-            img = center_crop(img, self.crop_hw)
-        arr = np.asarray(img, dtype=np.float32) * np.float32(self.rescale)
-        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(height, width) of the tensors it makes."""
-        return self.crop_hw or self.resize_hw or (self.resize_shorter, self.resize_shorter)  # type: ignore[return-value]
-
-
-def center_crop(img: Image.Image, hw: tuple[int, int]) -> Image.Image:
-    """Center crop to (height, width); pads with black first if the image is smaller (torchvision's rule)."""
-    th, tw = hw
-    w, h = img.size
-    if w < tw or h < th:
-        canvas = Image.new("RGB", (max(w, tw), max(h, th)))
-        canvas.paste(img, ((max(w, tw) - w) // 2, (max(h, th) - h) // 2))
-        img, (w, h) = canvas, canvas.size
-    left, top = int(round((w - tw) / 2.0)), int(round((h - th) / 2.0))
-    return img.crop((left, top, left + tw, top + th))
-
-
-def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over real tokens only: (B, T, D) with a (B, T) 0/1 mask -> (B, D). Padding never counts,
-    so a text's embedding does not depend on what else is in its batch."""
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+def config_identity(config: Any) -> str:
+    """A transformers config as JSON for a fingerprint, without where it was loaded from
+    (``_name_or_path``): the same weights installed in another folder or virtualenv are the same model."""
+    d = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "name_or_path")}
+    return json.dumps(d, sort_keys=True, default=str)
 
 
 def weights_fingerprint(model: torch.nn.Module, extra: str = "", sample: int = 4096) -> str:
@@ -245,13 +319,18 @@ def weights_fingerprint(model: torch.nn.Module, extra: str = "", sample: int = 4
 
 __all__ = [
     "Encoder",
+    "Graph",
+    "TextEncoder",
+    "check_texts",
     "FINAL",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ImageLoader",
     "ImageTransform",
     "MODALITIES",
+    "length_order",
     "center_crop",
     "masked_mean",
+    "config_identity",
     "weights_fingerprint",
 ]

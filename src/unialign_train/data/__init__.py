@@ -12,6 +12,7 @@ from unialign.errors import DataError
 
 from .emoji import build_emoji
 from .fashion_mnist import build_fashion_mnist
+from .manipulated import build_manipulated
 from .protocol import DataConfig, Splits, balanced_subset, heldout_name, make_splits, split_concepts
 from .records import Dataset
 from .tables import TABLE_SUFFIXES, from_image_folder, from_table
@@ -46,5 +47,6 @@ def load_dataset(spec: str, **kw: Any) -> Dataset:
     raise DataError(f"unknown dataset {spec!r} ({why}); accepted: " + "; ".join(ACCEPTED))
 
 
-__all__ = ["DataConfig", "Dataset", "Splits", "balanced_subset", "build_emoji", "build_fashion_mnist", "from_image_folder",
+__all__ = ["DataConfig", "Dataset", "Splits", "balanced_subset", "build_emoji", "build_fashion_mnist", "build_manipulated",
+           "from_image_folder",
            "from_table", "heldout_name", "load_dataset", "make_splits", "split_concepts"]

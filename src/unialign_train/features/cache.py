@@ -116,6 +116,7 @@ def cache_features(ds: Dataset, encoders: Mapping[str, Encoder], layers: Mapping
     cached = Cached(ds)
     for m, enc in encoders.items():
         want = list(layers.get(m, [FINAL]))
+        log(f"{m} encoder {enc.spec} runs on {enc.backend_info()}")
         store = extract(ds, enc, layers=want, batch_size=cfg.batch_size, dtype=cfg.dtype, strict=cfg.strict,
                         num_workers=cfg.num_workers, modality=m, show_progress=show_progress)
         if store.skipped:

@@ -34,10 +34,15 @@ from .store import FORMAT_VERSION, FeatureStore, shard_record_path
 
 def store_key(dataset: Dataset, encoder: Encoder, layers: Sequence[str], dtype: str, shard_size: int,
               modality: str | None = None) -> dict[str, Any]:
-    """Everything that determines a store's content; a store is reused only when this matches."""
+    """Everything that determines a store's content; a store is reused only when this matches.
+
+    ``backend`` (torch, onnx, openvino) is part of it: backends agree to float32 rounding, not bit for
+    bit, so a store is never resumed, reused or extended by another backend than the one that began it
+    (its rows would otherwise mix two computations; the manifest says which one made them)."""
     modality = modality or encoder.modality
     return {
         "encoder": encoder.config(),
+        "backend": encoder.backend,
         "modality": modality,
         "layers": list(layers),
         "layer_dims": {l: int(encoder.layer_dims[l]) for l in layers},
@@ -114,7 +119,7 @@ def extract(
                 concurrency=concurrency, show_progress=show_progress)
         return _finish(root, key, n_shards)
     bar = progress(total=sum(shard_len(s, n, shard_size) for s in todo), unit=modality, disable=not show_progress,
-                   desc=f"extract {encoder.spec}")
+                   desc=f"extract {encoder.spec} [{encoder.backend}]")
     try:
         encode_shards(root, key, items, encoder, todo, batch_size, num_workers, strict, bar.update)
     finally:
@@ -143,7 +148,10 @@ def _claim(root: Path, key: dict[str, Any], overwrite: bool) -> None:
             return
         if not overwrite:
             diff = [k for k in key if old.get(k) != json.loads(json.dumps(key[k]))]
-            raise StoreError(f"{root} holds features of other inputs (differs in: {', '.join(diff)}); "
+            was = old.get("backend", "torch")  # plans written before backends existed: torch
+            why = f"; it was written by the {was} backend, this encoder runs on {key['backend']}" \
+                if was != key["backend"] else ""
+            raise StoreError(f"{root} holds features of other inputs (differs in: {', '.join(diff)}{why}); "
                              "pass overwrite=True / --overwrite to replace it, or choose another folder")
         shutil.rmtree(root)
     elif root.exists() and any(f.is_file() for f in root.rglob("*")) and not overwrite:  # empty folders: ours

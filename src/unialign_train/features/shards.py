@@ -75,23 +75,32 @@ def _collate(rows: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[l
     return [i for i, _ in ok], batch, bad
 
 
-def _batch_plan(todo: Sequence[int], n: int, shard_size: int, batch_size: int) -> list[list[int]]:
+def _batch_plan(todo: Sequence[int], n: int, shard_size: int, batch_size: int,
+                size_of: Callable[[int], int] | None = None) -> list[list[int]]:
+    """Batches of item indices, shard by shard. With ``size_of`` (texts: their length) a shard's items
+    are batched longest first, so each batch pads to a length close to its members' own: fewer padding
+    tokens to compute (a third of the tokens on the emoji captions). Batches still never cross a shard,
+    and the writer puts rows back in item order, so a shard's bytes depend only on its items."""
     plan = []
     for s in todo:
-        start, stop = s * shard_size, min(n, (s + 1) * shard_size)
-        plan.extend(list(range(b, min(stop, b + batch_size))) for b in range(start, stop, batch_size))
+        idx = list(range(s * shard_size, min(n, (s + 1) * shard_size)))
+        if size_of is not None:
+            idx.sort(key=lambda i: -size_of(i))  # stable: equal lengths keep item order
+        plan.extend(idx[b : b + batch_size] for b in range(0, len(idx), batch_size))
     return plan
 
 
 def _batches(items: Sequence[dict[str, Any]], encoder: Encoder, modality: str, todo: Sequence[int], n: int,
              shard_size: int, batch_size: int, num_workers: int | None
              ) -> Iterator[tuple[int, list[int], Any, list[tuple[int, str]]]]:
-    plan = _batch_plan(todo, n, shard_size, batch_size)
     load = encoder.loader()
-    if load is None:  # text: the batch is the list of strings
+    if load is None:  # text (batched by length) or vector keys: the batch is the list of items
+        size_of = (lambda i: len(items[i][modality])) if modality == "text" else None
+        plan = _batch_plan(todo, n, shard_size, batch_size, size_of)
         for b in plan:
             yield b[0] // shard_size, b, [items[i][modality] for i in b], []
         return
+    plan = _batch_plan(todo, n, shard_size, batch_size)
     if num_workers is None:
         num_workers = min(4, max(1, (os.cpu_count() or 2) - 1))
     loader = DataLoader(
@@ -152,9 +161,11 @@ class _ShardWriter:
     def _write(self, items: Sequence[dict[str, Any]]) -> None:
         modality = self.key["modality"]
         files: dict[str, dict[str, Any]] = {}
+        order = np.argsort(np.asarray(self.rows, dtype=np.int64), kind="stable")  # batches may come in any order
+        self.rows = [self.rows[i] for i in order]
         for l in self.layers:
             parts = self.arrays[l]
-            arr = np.concatenate(parts) if parts else np.zeros((0, self.key["layer_dims"][l]), DTYPES[self.dtype])
+            arr = np.concatenate(parts)[order] if parts else np.zeros((0, self.key["layer_dims"][l]), DTYPES[self.dtype])
             path = array_path(self.root, modality, l, self.shard)
             with atomic_path(path) as tmp:
                 with open(tmp, "wb") as fh:

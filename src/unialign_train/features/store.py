@@ -5,7 +5,8 @@ paths, distinct captions, audio files, vector keys (``Dataset.unique_items``), s
 several records is encoded once. Layout (clip-retrieval's, so other tools can read it)::
 
     <store>/
-      manifest.json                      encoder, modality, dataset fingerprint, dims, shards + sha256, skipped items
+      manifest.json                      encoder, backend, modality, dataset fingerprint, dims, shards + sha256,
+                                         skipped items
       img_emb/img_emb_00000.npy          (rows, dim) fp16 by default ("text_emb/text_emb_*" for text,
                                          "<modality>_emb/..." for the others)
       img_emb/layers/<layer>/img_emb_00000.npy   per-layer pooled outputs, when extracted
@@ -134,6 +135,12 @@ class FeatureStore:
     @property
     def encoder(self) -> dict[str, Any]:
         return self.manifest["encoder"]
+
+    @property
+    def backend(self) -> str:
+        """What computed the rows: torch, onnx or openvino (stores of format 1 written before backends
+        existed were all written by torch)."""
+        return str(self.manifest.get("backend", "torch"))
 
     @property
     def layers(self) -> list[str]:
