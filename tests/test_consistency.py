@@ -157,7 +157,7 @@ def toy_pairs(n: int = 600, seed: int = 0) -> Pairs:
 
 def test_hammer_lite_detects_and_grounds_a_word_that_contradicts_the_image(one_thread) -> None:
     pairs = toy_pairs()
-    t = train_hammer(pairs, FuseConfig(width=32, depth=1, hidden=32, epochs=25, batch_size=32, lr=2e-3, patience=0))
+    t = train_hammer(pairs, FuseConfig(width=32, depth=1, hidden=32, epochs=15, batch_size=32, lr=2e-3, patience=0))
     s = hammer_scores(t.model, pairs)
     assert s["auc"] > 0.9 and s["accuracy"] > 0.8 and s["words"]["f1"] > 0.6, s
     assert s["by_type"]["real"]["flagged_words"] < 0.2
@@ -239,7 +239,7 @@ def test_fusion_predicts_the_category_of_held_out_concepts_far_above_chance(real
              "val": [i for i in real.train if ds.records[i]["concept"] in val_c], "test": list(real.heldout)}
     data = prepare(ds, parts, "category", "classification", real.cached)
     assert all("Smileys" not in (c or "") for c in data.items["text"])  # the captions never name the category
-    cfg = FuseConfig(epochs=15, batch_size=64, patience=0)
+    cfg = FuseConfig(epochs=8, batch_size=64, patience=0)
     late = LateFusion(data.dims(), data.target.n_out)
     image = train_fusion(LateFusion({"image": data.dims()["image"]}, data.target.n_out), data, cfg).model
     text = train_fusion(LateFusion({"text": data.dims()["text"]}, data.target.n_out), data, cfg).model

@@ -286,7 +286,7 @@ def test_custom_code_only_where_sentence_transformers_has_no_module(exports: dic
     assert all(r.startswith(("sentence_transformers.", "st_modules.")) for r in refs)
     shipped = sorted(p.name for p in folder.glob("*.py"))
     if remote:  # the standalone sources, verbatim
-        assert shipped == ["heads.py", "imaging.py", "maps.py", "pooling.py", "st_modules.py"]
+        assert shipped == ["compose.py", "heads.py", "imaging.py", "maps.py", "pooling.py", "st_modules.py"]
         assert all((folder / f).read_bytes() == (STANDALONE / f).read_bytes() for f in shipped)
         assert "trust_remote_code=True" in (folder / "README.md").read_text()
     else:
@@ -315,7 +315,7 @@ def test_linear_folds_match_the_modules() -> None:
 
 def test_standalone_sources_import_no_unialign() -> None:
     """What an export ships imports only these libraries and its sibling files."""
-    allowed = {"__future__", "typing", "dataclasses", "os", "json", "numpy", "torch", "PIL", "sentence_transformers",
+    allowed = {"__future__", "typing", "math", "dataclasses", "os", "json", "numpy", "torch", "PIL", "sentence_transformers",
                "transformers", "efficientnet_lite_pytorch"}
     siblings = {p.stem for p in STANDALONE.glob("*.py")}
     for path in STANDALONE.glob("*.py"):

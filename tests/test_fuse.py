@@ -16,7 +16,7 @@ from unialign_train.evaluate import (binary_auc, expected_calibration_error, log
                                      regression_scores)
 from unialign_train.fuse.data import FuseData, Target, leak_free_caption, prepare
 from unialign_train.fuse.modules import (Batch, Bridge, BridgeFusion, ConcatMLP, LateFusion, LegoBlock, LegoFuse,
-                                         LegoMerge, ManagerFusion, merge_latents, with_null)
+                                         LegoMerge, ManagerFusion, merge_latents, merged_head, presence_weights, with_null)
 from unialign_train.fuse.tokens import TokenBatch, TokenStore
 from unialign_train.fuse.train import FuseConfig, drop_modalities, evaluate, train_fusion
 
@@ -138,6 +138,34 @@ def test_legomerge_of_a_record_with_one_modality_is_that_block(batch: Batch) -> 
         torch.testing.assert_close(merged(batch)[[2, 4]], merged.blocks["image"](batch)[[2, 4]], atol=1e-5, rtol=1e-5)
 
 
+def test_lego_blocks_of_different_encoders_share_one_latent_shape(batch: Batch) -> None:
+    """What makes blocks mergeable: (B, latents, width) complex latents whatever the token width/length."""
+    blocks = modules()["lego-merge"].blocks
+    with torch.no_grad():
+        shapes = {m: b.encode(batch.tokens[m]) for m, b in blocks.items()}
+    assert {tuple(z.shape) for z in shapes.values()} == {(B, 4, 8)} and all(z.is_complex() for z in shapes.values())
+
+
+def test_legofuse_without_the_second_modality_reads_the_first_blocks_latent(batch: Batch) -> None:
+    """Records 2 and 4 lack text: the text block is skipped, the image block's latent goes to the averaged heads."""
+    fuse = modules()["lego-fuse"].eval()
+    blocks = list(fuse.blocks.values())
+    with torch.no_grad():
+        want = merged_head(blocks, blocks[0].encode(batch.tokens["image"]), torch.full((2, B), 0.5))
+        out = fuse(batch)
+    torch.testing.assert_close(out[[2, 4]], want[[2, 4]])
+    assert not torch.allclose(out[[0, 1, 3]], want[[0, 1, 3]])  # with text, the stacked text block changes it
+    assert presence_weights(batch, ["image", "text"])[:, 2].tolist() == [1.0, 0.0]
+
+
+def test_concat_mlp_sees_zeros_and_a_zero_flag_for_a_missing_modality(batch: Batch) -> None:
+    concat = modules()["concat"].eval()
+    with torch.no_grad():
+        x = torch.cat([concat.norms["image"](batch.pooled["image"]), torch.zeros(B, 9), torch.ones(B, 1),
+                       batch.present["text"].float()[:, None]], 1)
+        torch.testing.assert_close(concat(batch)[[2, 4]], concat.mlp(x)[[2, 4]])
+
+
 def test_late_fusion_averages_the_heads_a_record_has(batch: Batch) -> None:
     late = modules()["late"].eval()
     with torch.no_grad():
@@ -145,6 +173,19 @@ def test_late_fusion_averages_the_heads_a_record_has(batch: Batch) -> None:
         out = late(batch)
     torch.testing.assert_close(out[0], (heads["image"][0] + heads["text"][0]) / 2)
     torch.testing.assert_close(out[2], heads["image"][2])
+
+
+def test_gather_pads_to_the_longest_and_cuts_after_max_tokens() -> None:
+    """Items of 3, 1 and 5 tokens (rows 0..8 of a store whose token k has the value k)."""
+    store = TokenStore(None, {"layers": ["final"], "layer_dims": {"final": 1}}, ["a", "b", "c"], np.array([0, 3, 4, 9]),
+                       np.arange(9), {"final": np.arange(9, dtype=np.float16)[:, None]})
+    whole = store.gather([0, 1, 2, -1])
+    assert whole.mask.sum(1).tolist() == [3, 1, 5, 0] and whole.layers[0][2, :, 0].tolist() == [4, 5, 6, 7, 8]
+    cut = store.gather([0, 1, 2], max_tokens=2)
+    assert cut.mask.shape == (3, 2) and cut.layers[0][:, :, 0].tolist() == [[0, 1], [3, 0], [4, 5]]
+    assert cut.words[2].tolist() == [4, 5]
+    fixed = store.gather([1], pad_to=store.max_tokens, max_tokens=4)  # a fixed length, capped too
+    assert fixed.mask.tolist() == [[True, False, False, False]]
 
 
 def test_with_null_gives_a_missing_record_one_learned_token() -> None:
@@ -228,7 +269,7 @@ def test_training_is_seeded_and_fusion_uses_both_modalities(one_thread) -> None:
     assert a == b  # same seed, same data, same code path: bit-identical
     alone = {m: evaluate(runs[0].model, data, "test", without=[m])["acc1"] for m in ("image", "text")}
     assert a["acc1"] > 0.9 and max(alone.values()) < 0.85, (a, alone)
-    lego = train_fusion(LegoBlock("text", 5, 3, latents=4, width=16, heads=2), data, cfg)
+    lego = train_fusion(LegoBlock("text", 5, 3, latents=4, width=16, heads=2), data, cfg.model_copy(update={"epochs": 15}))
     assert evaluate(lego.model, data, "test")["acc1"] > 0.5  # text alone: about 2/3 of records are learnable
 
 
@@ -294,3 +335,18 @@ def test_fuse_train_command_writes_every_method_row(tmp_path, monkeypatch, one_t
     assert res.exit_code == 1 and "--methods: choose from" in str(res.exception)
     res = CliRunner().invoke(app, ["fuse", "train", "--param", "width=-1", *sets])
     assert res.exit_code == 1 and "--param.width" in str(res.exception)
+
+
+def test_the_best_single_modality_is_the_lowest_mae_for_regression() -> None:
+    from unialign_train.fuse.tables import fusion_table, summarize
+
+    def row(method: str, family: str, seed: int, mae: float) -> dict:
+        return {"method": method, "family": family, "seed": seed, "test": {"mae": mae, "r2": 0.5}, "without": {},
+                "parameters": 10, "seconds": 1.0}
+
+    rows = [row("a alone", "unimodal", s, 2.0) for s in (0, 1)] + [row("b alone", "unimodal", s, 3.0) for s in (0, 1)]
+    rows += [row("late fusion", "baseline", 0, 1.5), row("late fusion", "baseline", 1, 2.5)]
+    assert summarize(rows, "mae", lower_is_better=True)[0]["best_single"] == "a alone"
+    assert summarize(rows, "mae")[0]["best_single"] == "b alone"  # read as higher-is-better, as accuracy is
+    table = fusion_table(rows, "regression")
+    assert "vs best single (a alone)" in table and "(1/2 seeds below)" in table

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from unialign.encoders import register_encoder  # noqa: E402
 from unialign.errors import UnialignError  # noqa: E402
+from unialign.zeroshot import TEMPLATES  # noqa: E402
 from unialign.model import AlignedModel  # noqa: E402
 from unialign_serve.app import (IMAGE_TYPES, NONBLANK, SPACE, Limits, create_app, labels_pattern,  # noqa: E402
                                  templates_pattern)
@@ -384,7 +385,7 @@ def test_openapi_states_the_rules_the_server_checks(client: TestClient) -> None:
     classify = schemas["Body_classify_classify_post"]["properties"]
     assert classify["file"]["format"] == "binary"
     assert classify["labels"]["pattern"] == labels_pattern(5) and classify["labels"]["maxLength"] == 500
-    assert classify["templates"]["pattern"] == templates_pattern(["emoji", "photo", "plain"])
+    assert classify["templates"]["pattern"] == templates_pattern(TEMPLATES)
     for path in ("/embed/image", "/classify", "/search/image"):
         encoding = paths[path]["post"]["requestBody"]["content"]["multipart/form-data"]["encoding"]
         assert encoding["file"]["contentType"] == ", ".join(IMAGE_TYPES)

@@ -20,6 +20,15 @@ class ImageLoadError(DataError):
         self.too_large = too_large
 
 
+class AudioLoadError(DataError):
+    """One audio file could not be read (missing, empty, not audio, no samples); ``path`` names it."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
 class StoreError(UnialignError):
     """A feature store is missing, incomplete, corrupt or does not match what was asked."""
 

@@ -25,7 +25,11 @@ PHOTO = [
     "a product photo of a {}.",
 ]
 
-TEMPLATES: dict[str, list[str]] = {"emoji": EMOJI, "photo": PHOTO, "plain": ["{}"]}
+# audio: instrument sounds (a General-MIDI name such as "acoustic grand piano") and spoken items
+SOUND = ["the sound of a {}.", "{}", "a {} playing a note.", "music played on a {}."]
+SPEECH = ["{}", "someone saying {}.", "a recording of a person saying {}."]
+
+TEMPLATES: dict[str, list[str]] = {"emoji": EMOJI, "photo": PHOTO, "plain": ["{}"], "sound": SOUND, "speech": SPEECH}
 
 
 def get_templates(name_or_list: str | Sequence[str]) -> list[str]:
@@ -58,4 +62,4 @@ def zero_shot_classifier(encode: Callable[[list[str]], Any], classnames: Sequenc
     return F.normalize(F.normalize(emb.view(len(names), len(temps), -1), dim=-1).mean(1), dim=-1)
 
 
-__all__ = ["EMOJI", "PHOTO", "TEMPLATES", "get_templates", "zero_shot_classifier"]
+__all__ = ["EMOJI", "PHOTO", "SOUND", "SPEECH", "TEMPLATES", "get_templates", "zero_shot_classifier"]

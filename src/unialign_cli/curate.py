@@ -39,6 +39,7 @@ def curate_command(
     from unialign_train.curate.dataset import check_options
     from unialign_train.data import load_dataset
     from unialign_train.features import cache_features
+    from unialign_train.select.layer_names import resolve_layer_names
 
     check_options(budget, prototype, fill, dedup)  # before any data or feature is loaded
     cfg = load_run_config(config, set_, **({"data.dataset": data} if data else {}))
@@ -46,7 +47,7 @@ def curate_command(
         raise ConfigError(f"curate needs a text side; align is {list(cfg.align)}")
     media = next(m for m in cfg.align if m != "text")
     encoders = {m: load_encoder(cfg.encoders[m], device=cfg.device) for m in cfg.align}
-    layers = {m: cfg.layers_of(m) for m in cfg.align}
+    layers = {m: resolve_layer_names(encoders[m], cfg.layers_of(m)) for m in cfg.align}
     cached = cache_features(load_dataset(cfg.data.dataset), encoders, layers, cfg.extract, typer.echo)
     dc = curate_dataset(cached, concepts, budget, text_encoder=encoders["text"], media=media, media_encoder=encoders[media],
                         layers=layers, protocol=cfg.data if restrict_train else None, out=out, top_k=top_k,

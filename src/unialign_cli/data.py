@@ -8,7 +8,8 @@ import typer
 
 
 def data_command(
-    name: str = typer.Argument(..., help="emoji, fashion-mnist, fashion-mnist:train, or a table / folder to check."),
+    name: str = typer.Argument(..., help="emoji, fashion-mnist, fashion-mnist:train, fluent-emoji-anim, moving-emoji, "
+                                         "gm-notes, spoken, or a table / folder to check."),
     force: bool = typer.Option(False, help="Rebuild even if already built."),
 ) -> None:
     """Build (or check) a dataset and print a summary."""
@@ -18,6 +19,8 @@ def data_command(
         ds = build_emoji(force=force)
     elif name.startswith("fashion-mnist"):
         ds = build_fashion_mnist(name.split(":")[1] if ":" in name else "test", force=force)
+    elif name in ("fluent-emoji-anim", "moving-emoji", "gm-notes", "spoken"):
+        ds = load_dataset(name, force=force)
     else:
         ds = load_dataset(name)
     counts = ", ".join(f"{len(ds.unique_items(m))} {m}" for m in ds.modalities)
@@ -26,7 +29,8 @@ def data_command(
 
 
 def extract_command(
-    encoder: str = typer.Option(..., help="Encoder spec: effnet-lite0, st:all-MiniLM-L6-v2, hf:<id-or-path>, vectors:<file>, ..."),
+    encoder: str = typer.Option(..., help="Encoder spec: effnet-lite0, st:all-MiniLM-L6-v2, hf:<id-or-path>, vectors:<file>, "
+                                                 "video:<image spec>, ..."),
     data: str = typer.Option(..., help="Dataset: emoji, fashion-mnist, a .csv/.jsonl/.parquet table, or an image folder."),
     out: Optional[Path] = typer.Option(None, help="Store folder (default: under $UNIALIGN_HOME/features)."),
     layers: str = typer.Option("final", help="Comma-separated layers to store besides 'final' (e.g. block10,block14)."),

@@ -53,6 +53,16 @@ class RunConfig(BaseModel):
     train: dict[str, Any]
     eval: EvalConfig
 
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layer_lists(cls, v: Any) -> Any:
+        """``image: auto`` or ``image: last-4,final`` (a string, as ``--set`` gives it) is a one-item or
+        comma-separated list; names such as ``last-4`` and ``auto`` are resolved once the encoder is
+        loaded (:mod:`unialign_train.select.layer_names`)."""
+        if isinstance(v, dict):
+            return {m: [s.strip() for s in x.split(",") if s.strip()] if isinstance(x, str) else x for m, x in v.items()}
+        return v
+
     @field_validator("align")
     @classmethod
     def _align(cls, v: tuple[str, str]) -> tuple[str, str]:
@@ -69,6 +79,8 @@ class RunConfig(BaseModel):
         for m, layers in self.layers.items():
             if not layers:
                 raise ConfigError(f"layers.{m}: give at least one layer, e.g. [final] (got [])")
+            if "auto" in layers and len(layers) > 1:
+                raise ConfigError(f"layers.{m}: auto (chosen on validation) stands alone, got {layers}")
         recipe = get_recipe(self.recipe)
         if recipe.trained:
             train_config(recipe, self.train)

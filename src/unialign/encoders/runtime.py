@@ -351,8 +351,11 @@ def _quantize(name: str, key: dict[str, Any], fp32: Path) -> Path:
 
     _note(f"quantising {name} to int8 (dynamic, MatMul/Gemm weights): once per machine")
     with _new_entry(name, key) as (tmp, meta):
-        pre = tmp / "pre.onnx"  # ONNX Runtime's recommended preparation: shapes inferred, graph optimised
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=False)
+        # ONNX Runtime's preparation: ONNX shape inference and graph optimisation. Its symbolic shape
+        # inference is skipped: it stops with "Incomplete symbolic shape inference" on the dynamo
+        # exporter's dynamic-shape graphs (and leaves a temporary file in the working directory).
+        pre = tmp / "pre.onnx"
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         quantize_dynamic(str(pre), str(tmp / "model.onnx"), weight_type=QuantType.QInt8, per_channel=True,
                          op_types_to_quantize=["MatMul", "Gemm"])
         pre.unlink()

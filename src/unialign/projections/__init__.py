@@ -14,7 +14,10 @@ from ..errors import UnialignError
 from .heads import HEADS, LayerMixHead, Standardize, Tower, count_parameters, make_head
 from .maps import AnchorMap, LinearMap
 
-PROJECTIONS: dict[str, type[nn.Module]] = {"head": Tower, "linear_map": LinearMap, "anchors": AnchorMap}
+from ..standalone.compose import Chain, WeightedConcat
+
+PROJECTIONS: dict[str, type[nn.Module]] = {"head": Tower, "linear_map": LinearMap, "anchors": AnchorMap,
+                                           "chain": Chain, "concat": WeightedConcat}
 
 
 def projection_config(module: nn.Module) -> dict[str, Any]:
@@ -37,5 +40,5 @@ def build_projection(config: dict[str, Any]) -> nn.Module:
         raise UnialignError(f"projection config {config!r} is invalid ({e})") from None
 
 
-__all__ = ["HEADS", "PROJECTIONS", "AnchorMap", "LayerMixHead", "LinearMap", "Standardize", "Tower",
+__all__ = ["HEADS", "PROJECTIONS", "AnchorMap", "Chain", "WeightedConcat", "LayerMixHead", "LinearMap", "Standardize", "Tower",
            "build_projection", "count_parameters", "make_head", "projection_config"]

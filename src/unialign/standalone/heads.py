@@ -48,6 +48,19 @@ class LinearHead(nn.Module):
         return self.proj(self.drop(x))
 
 
+class IdentityHead(nn.Module):
+    """No map at all: the side stays in its own (standardised) feature space and the other side's head
+    learns to map into it (ShareLock's frozen image side). Only meaningful with ``out_dim == in_dim``."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        if in_dim != out_dim:
+            raise ValueError(f"an identity head keeps its input space: out_dim must equal in_dim {in_dim}, got {out_dim}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 class MLPHead(nn.Module):
     """``depth`` hidden layers of GELU MLP with optional LayerNorm and dropout, then a linear out."""
 
@@ -140,6 +153,7 @@ HEADS: dict[str, type[nn.Module]] = {
     "residual": ResidualHead,
     "star": StarHead,
     "layermix": LayerMixHead,
+    "identity": IdentityHead,
 }
 
 
@@ -176,5 +190,5 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-__all__ = ["HEADS", "LayerMixHead", "LinearHead", "MLPHead", "ResidualHead", "Standardize", "StarHead", "Tower",
+__all__ = ["HEADS", "IdentityHead", "LayerMixHead", "LinearHead", "MLPHead", "ResidualHead", "Standardize", "StarHead", "Tower",
            "count_parameters", "make_head"]

@@ -31,12 +31,11 @@ from sentence_transformers.base.modules.module import Module
 from sentence_transformers.base.modules.router import Router
 from sentence_transformers.util import batch_to_device
 
-from .heads import Tower
+from .compose import projection_types
 from .imaging import ImageTransform, open_image
-from .maps import AnchorMap, LinearMap
 from .pooling import effnet_features, final_norm, layer_features, pool_hidden_states
 
-PROJECTIONS: dict[str, type[torch.nn.Module]] = {c.kind_of_projection: c for c in (Tower, LinearMap, AnchorMap)}
+PROJECTIONS: dict[str, type[torch.nn.Module]] = projection_types()  # Tower, LinearMap, AnchorMap, Chain, WeightedConcat
 HUB_KEYS = ("token", "cache_folder", "revision", "local_files_only")
 FILE_MODULE = __name__.rsplit(".", 1)[-1]  # "st_modules", however the file was imported
 

@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from unialign.errors import ConfigError, DataError, UnialignError
-from unialign.projections import AnchorMap, LinearMap
+from unialign.projections import AnchorMap, Chain, LinearMap
 
 __all__ = [
     "ASIF",
     "CCA",
     "CLOSED_FORM",
+    "CSA",
     "ClosedFormAligner",
     "ClosedFormConfigError",
     "ClosedFormInputError",
@@ -40,6 +41,8 @@ __all__ = [
     "NotFittedError",
     "Procrustes",
     "RelativeRepresentation",
+    "canonical_directions",
+    "group_means",
     "make_closed_form",
     "nuisance_directions",
 ]
@@ -107,6 +110,11 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and bool(np.isfinite(v))
 
 
+def _check_bool(v: Any, what: str) -> None:
+    if not isinstance(v, (bool, np.bool_)):
+        raise ClosedFormConfigError(f"{what} must be true or false, got {v!r}")
+
+
 def _check_groups(groups: Any, n: int) -> np.ndarray | None:
     if groups is None:
         return None
@@ -159,6 +167,30 @@ def _scatter_axes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     w, v = np.linalg.eigh(x.T @ x)
     order = np.argsort(w)[::-1]
     return w[order], v[:, order]
+
+
+def canonical_directions(xc: np.ndarray, yc: np.ndarray, reg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Regularised CCA of centred pairs: canonical directions ``a`` (d_x, c), ``b`` (d_y, c) and the
+    canonical correlations ``rho`` (c, descending), from the SVD of ``Cxx^-1/2 Cxy Cyy^-1/2``.
+
+    ``reg`` adds ``reg * mean variance`` to each covariance's diagonal (``_reg_eye``): with 0 the result
+    is plain CCA, which needs more pairs than dimensions; with wide features and few pairs it needs
+    some ridge, or every direction looks perfectly correlated on the fit set."""
+    n = xc.shape[0]
+    wx = _inv_sqrt_psd(_reg_eye(xc.T @ xc / (n - 1), reg))
+    wy = _inv_sqrt_psd(_reg_eye(yc.T @ yc / (n - 1), reg))
+    u, rho, vt = np.linalg.svd(wx @ (xc.T @ yc / (n - 1)) @ wy, full_matrices=False)
+    return wx @ u, wy @ vt.T, rho
+
+
+def group_means(x: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean row of each group, the group labels in that order): concept prototypes, e.g. the mean of a
+    concept's images across drawing styles, or of its captions."""
+    labels, inv = np.unique(groups, return_inverse=True)
+    inv = inv.reshape(-1)
+    sums = np.zeros((len(labels), x.shape[1]))
+    np.add.at(sums, inv, x)
+    return sums / np.bincount(inv)[:, None], labels
 
 
 # ------------------------------------------------------------------------------------- base class
@@ -283,13 +315,19 @@ class ASIF(ClosedFormAligner):
     differ (``nuisance_directions``: the same concept in different styles), for anchors and queries
     alike, so neighbours are found by content rather than by drawing style. It needs ``groups`` in ``fit``; without groups, or with no
     group of two or more pairs, it removes nothing (``removed_rank`` says how many were removed).
+
+    ``prototypes=True`` (concept prototypes, He et al. 2025; Li et al. 2024) makes the anchors one pair
+    per group: the mean of the group's (normalised, centred, nuisance-projected) images and the mean of
+    its captions, so an anchor describes a concept rather than one drawing of it. Without groups it
+    changes nothing.
     """
 
     name: ClassVar[str] = "asif"
 
     def __init__(self, k: int | None = 800, p: float = 8.0, center: bool = True, chunk_size: int = 4096,
-                 nuisance_rank: int = 0):
+                 nuisance_rank: int = 0, prototypes: bool = False):
         super().__init__()
+        _check_bool(prototypes, "ASIF prototypes")
         if not _is_int(nuisance_rank) or nuisance_rank < 0:
             raise ClosedFormConfigError(f"ASIF nuisance_rank must be an integer >= 0, got {nuisance_rank!r}")
         if k is not None and (not _is_int(k) or k < 1):
@@ -303,6 +341,7 @@ class ASIF(ClosedFormAligner):
         self.center = bool(center)
         self.chunk_size = int(chunk_size)
         self.nuisance_rank = int(nuisance_rank)
+        self.prototypes = bool(prototypes)
 
     @property
     def n_anchors(self) -> int:
@@ -321,6 +360,8 @@ class ASIF(ClosedFormAligner):
         nuisance = nuisance_directions(xc, groups, self.nuisance_rank) if self.nuisance_rank else np.zeros((xc.shape[1], 0))
         if nuisance.shape[1]:
             xc = xc - (xc @ nuisance) @ nuisance.T
+        if self.prototypes and groups is not None:  # one anchor per concept: its mean image, its mean caption
+            xc, yc = group_means(xc, groups)[0], group_means(yc, groups)[0]
         # float32 anchors: halves the dominant memory cost; cosines need no more precision.
         return (self._anchor_map(_l2n(xc).astype(np.float32), mu_x, nuisance),
                 self._anchor_map(_l2n(yc).astype(np.float32), mu_y, np.zeros((yc.shape[1], 0))))
@@ -434,15 +475,59 @@ class CCA(ClosedFormAligner):
 
     def _fit(self, xc: np.ndarray, yc: np.ndarray, groups: np.ndarray | None, mu_x: np.ndarray,
              mu_y: np.ndarray) -> tuple[LinearMap, LinearMap]:
-        n = xc.shape[0]
-        c = min(xc.shape[1], yc.shape[1], n - 1, self.n_components or 256)
-        cxx = _reg_eye(xc.T @ xc / (n - 1), self.reg)
-        cyy = _reg_eye(yc.T @ yc / (n - 1), self.reg)
-        wx, wy = _inv_sqrt_psd(cxx), _inv_sqrt_psd(cyy)
-        u, rho, vt = np.linalg.svd(wx @ (xc.T @ yc / (n - 1)) @ wy, full_matrices=False)
+        c = min(xc.shape[1], yc.shape[1], xc.shape[0] - 1, self.n_components or 256)
+        a, b, rho = canonical_directions(xc, yc, self.reg)
         self.canonical_correlations_ = rho[:c].copy()
         weights = np.clip(rho[:c], 0.0, None) ** self.corr_power  # folded into both maps
-        return linear_map(mu_x, (wx @ u[:, :c]) * weights), linear_map(mu_y, (wy @ vt[:c].T) * weights)
+        return linear_map(mu_x, a[:, :c] * weights), linear_map(mu_y, b[:, :c] * weights)
+
+
+# -------------------------------------------------------------------------------------------- CSA
+class CSA(ClosedFormAligner):
+    """Canonical Similarity Analysis (Li, Chinchali, Topcu, ICLR 2025): regularised CCA, then a pair is
+    scored by ``sum_{i<=s} rho_i x_i y_i`` over the first ``s`` canonical coordinates, ``x`` and ``y``
+    each L2-normalised over those coordinates and ``rho`` the canonical correlations.
+
+    That score is a cosine of the model's embeddings, so every consumer of the embeddings (zero-shot
+    heads, CLIP_benchmark, exports, FAISS) ranks by CSA: the first modality (images) embeds as
+    ``rho * normalize(a^T x)``, the second (texts) as ``normalize(b^T y)``; the cosine is the CSA score
+    divided by the norm of the image embedding, the same for every text, so an image's texts rank
+    exactly by CSA (zero-shot classification, image -> text retrieval). A text's images rank by the
+    score over that norm (``|rho * x|``, which lies in ``[rho_s, rho_1]``): close to, not exactly, CSA.
+
+    Unlike :class:`CCA` (whose cosine of whitened variates weighted by ``rho ** corr_power`` on both sides
+    normalises after the weighting), CSA normalises the canonical coordinates first, as the paper does.
+    ``s`` (None: ``min(d_x, d_y, n - 1, 256)``) and ``reg`` (ridge relative to the mean variance; 0 is
+    plain CCA and needs more pairs than dimensions) are the two knobs. ``prototypes=True`` fits the CCA on
+    one pair per group (the mean image and mean caption of a concept) instead of every pair.
+
+    The image side is two linear maps in a chain (canonical coordinates, then normalise-and-weight), so a
+    fitted CSA saves, loads and exports like every other projection.
+    """
+
+    name: ClassVar[str] = "csa"
+
+    def __init__(self, s: int | None = None, reg: float = 0.1, prototypes: bool = False):
+        super().__init__()
+        if s is not None and (not _is_int(s) or s < 1):
+            raise ClosedFormConfigError(f"CSA s must be a positive integer or None, got {s!r}")
+        if not (_is_real(reg) and reg >= 0):
+            raise ClosedFormConfigError(f"CSA reg must be >= 0, got {reg!r}")
+        _check_bool(prototypes, "CSA prototypes")
+        self.s = None if s is None else int(s)
+        self.reg = float(reg)
+        self.prototypes = bool(prototypes)
+
+    def _fit(self, xc: np.ndarray, yc: np.ndarray, groups: np.ndarray | None, mu_x: np.ndarray,
+             mu_y: np.ndarray) -> tuple[torch.nn.Module, LinearMap]:
+        fx, fy = (group_means(xc, groups)[0], group_means(yc, groups)[0]) if self.prototypes and groups is not None else (xc, yc)
+        if fx.shape[0] < 2:
+            raise ClosedFormInputError(f"CSA needs at least 2 {'groups' if self.prototypes else 'pairs'} to fit, got {fx.shape[0]}")
+        c = min(xc.shape[1], yc.shape[1], fx.shape[0] - 1, self.s or 256)
+        a, b, rho = canonical_directions(fx - fx.mean(0), fy - fy.mean(0), self.reg)
+        self.canonical_correlations_ = rho[:c].copy()
+        weigh = linear_map(np.zeros(c), np.diag(np.clip(rho[:c], 0.0, None)))  # normalise, then scale by rho
+        return Chain([linear_map(mu_x, a[:, :c]), weigh]), linear_map(mu_y, b[:, :c])
 
 
 # --------------------------------------------------------------------------------------- registry
@@ -452,6 +537,7 @@ CLOSED_FORM: dict[str, type[ClosedFormAligner]] = {
     "lstsq": LeastSquares,
     "procrustes": Procrustes,
     "cca": CCA,
+    "csa": CSA,
 }
 
 

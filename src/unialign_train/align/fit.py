@@ -7,13 +7,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 from torch import nn
 
 from ..features.cache import Features
 from .closed_form import make_closed_form
+from .hybrid import fit_hybrid
 from .loop import TrainResult, train
 from .pairs import Pairs
-from .recipes import Recipe, closed_form_params, train_config
+from .prototypes import prototype_pairs
+from .recipes import Recipe, closed_form_params, get_recipe, train_config
+from .unpaired import fit_unpaired
 
 Log = Callable[[str], None]
 CLOSED_FORM_LOGIT_SCALE = 100.0  # CLIP's trained scale; closed-form maps have none of their own
@@ -30,13 +34,21 @@ class Fitted:
 
 def fit(recipe: Recipe, overrides: dict[str, Any] | None, x: Features, y: Features, pairs: Pairs,
         names: Sequence[str], validate: Callable[[Any], dict[str, float]] | None = None,
-        checkpoint: str | Path | None = None, device: str = "auto", log: Log = print) -> Fitted:
+        checkpoint: str | Path | None = None, device: str = "auto", log: Log = print,
+        unpaired: tuple[np.ndarray, np.ndarray] | None = None) -> Fitted:
     """Fit ``recipe`` (with the user's ``overrides`` of its settings) on ``pairs`` of features ``x`` and
     ``y``, the modalities ``names``. ``validate`` (trained recipes) drives early stopping; ``checkpoint``
-    is the file a trained run resumes from."""
+    is the file a trained run resumes from; ``unpaired`` (x rows, y rows) are features without pairs that
+    a recipe with an ``unpaired`` block learns from (unpaired.py), others ignore them."""
     a, b = names
+    if recipe.anchor_input is not None or recipe.fuse is not None:  # hybrids build on this function
+        return fit_hybrid(recipe, overrides, x, y, pairs, names, validate, checkpoint, device, log, fit, get_recipe)
+    if recipe.unpaired is not None:
+        return fit_unpaired(recipe, overrides, x, y, pairs, names, unpaired, device, log, fit)
     if recipe.trained:
         tcfg = train_config(recipe, overrides, device=device)
+        if tcfg.prototypes:  # one pair per concept: its mean first-modality item with each of its captions
+            x, pairs = prototype_pairs(x, pairs)
         res: TrainResult = train(x, y, pairs, tcfg, validate, checkpoint, log, names=names)
         info = {"recipe": recipe.name, "train_config": tcfg.model_dump(mode="json"), "history": res.history,
                 "best_step": res.best_step, "steps": res.steps, "train_seconds": res.seconds,

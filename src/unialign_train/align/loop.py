@@ -53,6 +53,10 @@ class TrainConfig(BaseModel):
     loss_options: dict[str, Any] = Field(default_factory=dict)
     captions_per_step: PositiveInt = Field(1, description=">1: SAIL multi-positive, one loss block per second-"
                                                           "modality item drawn")
+    mixup: NonNegativeFloat = Field(0.0, description="FuseMix latent mixup: Beta(a, a) parameter a of the one "
+                                                     "lambda and partner shared by both modalities (0: off)")
+    prototypes: bool = Field(False, description="concept prototypes: train on one pair per concept, its mean "
+                             "first-modality item across records with each of its captions (align/prototypes.py)")
     structure_lambda: NonNegativeFloat = 0.0
     structure_levels: PositiveInt = 1
     structure_tau: PositiveFloat = 0.05
@@ -98,14 +102,40 @@ class TrainResult:
 def build_model(cfg: TrainConfig, x_dims: Sequence[int], y_dims: Sequence[int], names: Sequence[str]) -> torch.nn.ModuleDict:
     """A Tower per modality for features made of layers of the given widths (one entry per stored layer).
     A layer-mixing head is told the layer boundaries unless its options name them."""
-    def tower(side: str, kind: str, dims: Sequence[int]) -> Tower:
+    def tower(side: str, kind: str, dims: Sequence[int], dim: int) -> Tower:
         opts = dict(cfg.head_options.get(side, cfg.head_options.get("all", {})))
         if kind == "layermix":
             opts.setdefault("layer_dims", [int(d) for d in dims])
-        return Tower(kind, sum(dims), cfg.dim, opts)
+        return Tower(kind, sum(dims), dim, opts)
 
     x, y = names
-    return torch.nn.ModuleDict({x: tower(x, cfg.head, x_dims), y: tower(y, cfg.text_head or cfg.head, y_dims)})
+    kinds = (cfg.head, cfg.text_head or cfg.head)
+    dim = shared_dim(cfg.dim, kinds, sum(x_dims), sum(y_dims))
+    return torch.nn.ModuleDict({x: tower(x, kinds[0], x_dims, dim), y: tower(y, kinds[1], y_dims, dim)})
+
+
+def shared_dim(dim: int, kinds: Sequence[str], x_dim: int, y_dim: int) -> int:
+    """Width of the shared space: ``dim``, unless one side keeps its own space (an ``identity`` head,
+    ShareLock's frozen side): then that side's feature width, which the other head maps into."""
+    fixed = {d for k, d in zip(kinds, (x_dim, y_dim)) if k == "identity"}
+    if len(fixed) > 1:
+        raise ValueError(f"both sides have identity heads but different widths {x_dim} and {y_dim}; "
+                         "at most one side can stay in its own space")
+    return fixed.pop() if fixed else dim
+
+
+def latent_mixup(x: torch.Tensor, ys: list[torch.Tensor], lam: float, partner: torch.Tensor
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """FuseMix: ``lam * v + (1 - lam) * v[partner]`` for the features of *both* modalities with the same
+    ``lam`` and the same partner, so a mixed image still pairs with its equally mixed caption."""
+    return lam * x + (1.0 - lam) * x[partner], [lam * y + (1.0 - lam) * y[partner] for y in ys]
+
+
+def mixup_draw(alpha: float, seed: int, step: int, n: int) -> tuple[float, torch.Tensor]:
+    """The lambda ~ Beta(alpha, alpha) and partner permutation of one step: a pure function of (seed,
+    step), so a resumed run mixes exactly as an uninterrupted one."""
+    rng = np.random.default_rng([seed, step, 77])
+    return float(rng.beta(alpha, alpha)), torch.from_numpy(rng.permutation(n))
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -209,6 +239,9 @@ def train(
         y_ins = [torch.from_numpy(y[pairs.y_rows(items[mine], draws[mine], shift)]).to(device, non_blocking=True)
                  for shift in range(cfg.captions_per_step)]
         groups = torch.from_numpy(pairs.groups[items]).to(device)  # of the global batch
+        if cfg.mixup > 0:
+            lam, partner = mixup_draw(cfg.mixup, cfg.seed + rank, step, len(x_in))
+            x_in, y_ins = latent_mixup(x_in, y_ins, lam, partner.to(device))
         loss, reg = batch_loss(x_tower, y_tower, criterion, x_in, y_ins, groups, cfg, step, world)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -20,7 +20,9 @@ from unialign.errors import ConfigError
 
 from ..validate import describe
 from .closed_form import CLOSED_FORM, ClosedFormConfigError, make_closed_form
+from .hybrid import AnchorInput, Fuse
 from .loop import TrainConfig
+from .unpaired import Unpaired
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -33,6 +35,12 @@ class Recipe(BaseModel):
     train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig overrides (trained recipes)")
     closed_form: str | None = Field(None, description="aligner name (training-free recipes)")
     params: dict[str, Any] = Field(default_factory=dict, description="aligner parameters")
+    anchor_input: AnchorInput | None = Field(None, description="trained recipes: heads read this closed-form map's "
+                                                              "outputs (hybrid.py)")
+    fuse: Fuse | None = Field(None, description="trained recipes: score fusion with a closed-form recipe, weight "
+                                                "chosen on validation (hybrid.py)")
+    unpaired: Unpaired | None = Field(None, description="closed-form recipes: pseudo-pairs from unpaired data refine "
+                                                        "the map (unpaired.py)")
 
     @property
     def trained(self) -> bool:
@@ -45,8 +53,12 @@ class Recipe(BaseModel):
                 raise ValueError(f"closed_form {self.closed_form!r} is not one of {', '.join(CLOSED_FORM)}")
             if self.train:
                 raise ValueError("a closed-form recipe has params, not train settings")
+            if self.anchor_input is not None or self.fuse is not None:
+                raise ValueError("anchor_input and fuse combine a *trained* recipe with a closed-form map")
             make_closed_form(self.closed_form, **self.params)
         else:
+            if self.unpaired is not None:
+                raise ValueError("unpaired refines a closed-form map; this recipe is trained")
             if self.params:
                 raise ValueError("a trained recipe has train settings, not params")
             TrainConfig.model_validate(self.train)

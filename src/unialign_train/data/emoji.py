@@ -186,7 +186,7 @@ def npm_pack(spec: str, dest: Path) -> Path:
     leaves a truncated tarball under the final name.
     """
     name, version = spec.rsplit("@", 1)
-    tarball = dest / f"{name}-{version}.tgz"
+    tarball = dest / f"{name.lstrip('@').replace('/', '-')}-{version}.tgz"  # npm's own file name for scoped packages
     if tarball.exists():
         return tarball
     npm = shutil.which("npm")

@@ -12,7 +12,7 @@ testing), else every style is used for everything.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
@@ -38,6 +38,10 @@ class DataConfig(BaseModel):
     split_seed: int
     max_train_concepts: PositiveInt | None = Field(description="low-data runs: a seeded draw of this many training concepts")
     subset: str | None = Field(description="a subset file from `unialign curate`: train only on these records")
+    concepts: Literal["split", "shared"] | None = Field(
+        default=None, description="split: train/val/test concepts disjoint (held-out concepts); shared: every concept "
+                                  "in every part, held-out styles only (e.g. pitches, voices); null: the dataset's "
+                                  "own protocol, else split")
 
     @field_validator("split")
     @classmethod
@@ -112,7 +116,15 @@ def protocol_styles(ds: Dataset, cfg: DataConfig) -> tuple[list[str] | None, lis
 
 def make_splits(ds: Dataset, cfg: DataConfig) -> Splits:
     """Concept split (train/val/test concepts disjoint); training and validation in the training
-    styles, test in the held-out styles (all styles for datasets without a protocol)."""
+    styles, test in the held-out styles (all styles for datasets without a protocol).
+
+    With ``concepts: shared`` (the configuration's, else the dataset's protocol) every concept is in
+    every part and only styles are held out: a set whose classes are fixed and whose test measures
+    another condition (held-out pitches of the same instruments, a real voice after synthetic ones).
+    Validation then uses the protocol's ``val_styles``, which must differ from the training styles."""
+    own = ds.meta.get("protocol") or {}
+    if (cfg.concepts or own.get("concepts") or "split") == "shared":
+        return _shared_splits(ds, cfg, own)
     concepts = split_concepts(ds.concepts(), cfg.split, cfg.split_seed)
     if cfg.max_train_concepts is not None:  # a seeded random draw: the sorted prefix would be all flags
         rng = np.random.default_rng([cfg.split_seed, 1])
@@ -130,6 +142,33 @@ def make_splits(ds: Dataset, cfg: DataConfig) -> Splits:
         if len(getattr(sp, name)) == 0:
             raise DataError(f"the {name} split of {ds.name} is empty (styles {train_styles if name != 'test' else test_styles}); "
                             "check data.split, data.train_styles and data.test_styles")
+    return sp
+
+
+def _shared_splits(ds: Dataset, cfg: DataConfig, own: dict) -> Splits:
+    """Every concept in every part; train / val / test told apart by style only (see make_splits)."""
+    train_styles, test_styles = protocol_styles(ds, cfg)
+    val_styles = own.get("val_styles")
+    if not train_styles or not test_styles or not val_styles:
+        raise ConfigError(f"{ds.name}: shared concepts need train, val and test styles (data.train_styles, "
+                          "data.test_styles and the dataset's val_styles); the parts would overlap otherwise")
+    if set(val_styles) & set(train_styles) or set(test_styles) & (set(train_styles) | set(val_styles)):
+        raise ConfigError(f"{ds.name}: with shared concepts the train {train_styles}, val {val_styles} and test "
+                          f"{test_styles} styles must not overlap")
+    every = sorted(ds.concepts())
+    train = every
+    if cfg.max_train_concepts is not None:
+        rng = np.random.default_rng([cfg.split_seed, 1])
+        train = sorted(rng.choice(every, size=min(cfg.max_train_concepts, len(every)), replace=False).tolist())
+    sp = Splits(ds.indices(styles=train_styles, concepts=train), ds.indices(styles=val_styles),
+                ds.indices(styles=test_styles), {"train": train, "val": every, "test": every}, train_styles, test_styles)
+    if cfg.subset:
+        from .subsets import load_subset
+
+        sp.train = np.intersect1d(sp.train, load_subset(cfg.subset))
+    for name in PARTS:
+        if len(getattr(sp, name)) == 0:
+            raise DataError(f"the {name} split of {ds.name} is empty; check data.train_styles and data.test_styles")
     return sp
 
 

@@ -59,6 +59,27 @@ def default_store_path(dataset: Dataset, encoder: Encoder, layers: Sequence[str]
     return _path_for_key(dataset, encoder, store_key(dataset, encoder, layers, dtype, shard_size, modality))
 
 
+def superset_store(folder: Path, key: dict[str, Any]) -> FeatureStore | None:
+    """A complete store in ``folder`` made from the same inputs as ``key`` but holding more layers, or None.
+
+    Layers are pooled independently from one forward pass, so a store of layers ``final, block8 ..
+    block15`` holds exactly what a store of ``final, block14, block15`` would (same encoder, backend,
+    dtype, shard size and dataset fingerprint): choosing layers (``layers: auto``, ``last-N``) then costs
+    no second extraction. A store that cannot be read is skipped, never used."""
+    if not folder.is_dir():
+        return None
+    same = lambda d: json.loads(json.dumps({k: v for k, v in d.items() if k not in ("layers", "layer_dims")}, sort_keys=True))  # noqa: E731
+    want, layers = same(key), set(key["layers"])
+    for manifest in sorted(folder.glob("*/manifest.json")):
+        try:
+            m = json.loads(manifest.read_text(encoding="utf-8"))
+            if layers <= set(m.get("layers", [])) and same({k: m.get(k) for k in key}) == want:
+                return FeatureStore.open(manifest.parent)
+        except (OSError, ValueError, StoreError):
+            continue
+    return None
+
+
 def _path_for_key(dataset: Dataset, encoder: Encoder, key: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in encoder.spec)[:60]
@@ -104,6 +125,10 @@ def extract(
         raise DataError(f"{dataset.name} has no {modality} items (its modalities: {dataset.modalities})")
     key = store_key(dataset, encoder, layers, dtype, shard_size, modality)  # fingerprints the dataset: once per call
     root = Path(out) if out is not None else _path_for_key(dataset, encoder, key)
+    if out is None and not overwrite and not (root / "manifest.json").exists():
+        wider = superset_store(root.parent, key)
+        if wider is not None:
+            return wider
     _claim(root, key, overwrite)
     if (root / "manifest.json").exists():
         return FeatureStore.open(root)

@@ -352,11 +352,14 @@ def load_pairs(model: AlignedModel, dataset: str, protocol: DataConfig, encoders
 
 
 def run_consistency(model: AlignedModel, pairs: Pairs, cached: Cached, seeds: Sequence[int], cfg: FuseConfig,
-                    calibrate: bool = True, log: Log = print) -> dict[str, Any]:
+                    calibrate: bool = True, log: Log = print,
+                    after_seed: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
     """The zero-shot detector (deterministic) and HAMMER-lite trained once per seed (none: left out), on the
-    test pairs."""
+    test pairs. ``after_seed(result so far)`` is called after each seed (to save partial results); training
+    stops early when it returns False."""
     out: dict[str, Any] = {"zero-shot (aligned space)": [zero_shot(model, cached, pairs, calibrate, log)]}
-    meta = []
+    meta: list[dict[str, Any]] = []
+    result = {"results": out, "training": meta, "counts": pairs.dataset.meta["counts"]}
     for seed in seeds:
         t = train_hammer(pairs, cfg.model_copy(update={"seed": seed}))
         out.setdefault("HAMMER-lite", []).append(hammer_scores(t.model, pairs))
@@ -364,7 +367,9 @@ def run_consistency(model: AlignedModel, pairs: Pairs, cached: Cached, seeds: Se
                      "best_epoch": t.best_epoch})
         log(f"HAMMER-lite seed {seed}: AUC {out['HAMMER-lite'][-1]['auc']:.3f}, word F1 "
             f"{out['HAMMER-lite'][-1]['words']['f1']:.3f} ({t.seconds:.0f}s, {t.parameters:,} parameters)")
-    return {"results": out, "training": meta, "counts": pairs.dataset.meta["counts"]}
+        if after_seed is not None and after_seed(result) is False:
+            break
+    return result
 
 
 __all__ = ["HammerLite", "Pairs", "aligned_similarity", "best_margin", "calibrate_match", "consistency_scores",

@@ -5,6 +5,11 @@ A caption must not name the target: the emoji captions include the subcategory (
 would make subcategory prediction from text a lookup. :func:`leak_free_caption` drops every caption that
 contains the record's target value (case, hyphens and ampersands aside) and keeps the longest of the rest
 (for emoji, "annotation: tags"), the same caption in training and test.
+
+Token modules read at most ``max_tokens`` tokens of an item (:func:`prepare`): attention and the
+managers' per-token maps cost in proportion to the padded length, and the longest captions (49 word
+pieces for emoji categories; 95% have at most 33) would otherwise set every batch's length. The cut
+drops the tail of a long caption's tag list; pooled modules read the whole caption.
 """
 from __future__ import annotations
 
@@ -98,6 +103,7 @@ class FuseData:
     has: dict[str, np.ndarray]
     tokens: dict[str, TokenStore]
     token_rows: dict[str, np.ndarray]
+    max_tokens: int | None = None  # token sequences cut after this many (None: whole)
 
     @property
     def modalities(self) -> list[str]:
@@ -121,7 +127,8 @@ class FuseData:
         toks = {}
         if tokens:
             for m, store in self.tokens.items():
-                toks[m] = store.gather(self.token_rows[m][idx], pad_to=store.max_tokens if fixed_length else None)
+                toks[m] = store.gather(self.token_rows[m][idx], pad_to=store.max_tokens if fixed_length else None,
+                                       max_tokens=self.max_tokens)
         y = torch.from_numpy(self.y[idx])
         return Batch(pooled, toks, {m: torch.from_numpy(p) for m, p in present.items()}), y
 
@@ -158,10 +165,11 @@ def target_of(ds: Dataset, target: str, kind: Kind) -> tuple[np.ndarray, np.ndar
 
 
 def prepare(ds: Dataset, parts: Mapping[str, Sequence[int]], target: str, kind: Kind, cached: Cached,
-            tokens: Mapping[str, TokenStore] | None = None, modalities: Sequence[str] | None = None) -> FuseData:
+            tokens: Mapping[str, TokenStore] | None = None, modalities: Sequence[str] | None = None,
+            max_tokens: int | None = None) -> FuseData:
     """Assemble :class:`FuseData` from a dataset, its parts (record indices), the cached pooled features
     of each modality (``cache_features``) and, for token modules, a token store per modality holding each
-    record's item. Records without a target value leave the parts."""
+    record's item (sequences cut after ``max_tokens``). Records without a target value leave the parts."""
     mods = list(modalities or cached.modalities)
     y, labelled, classes = target_of(ds, target, kind)
     parts = {k: np.asarray([i for i in v if labelled[i]], dtype=np.int64) for k, v in parts.items()}
@@ -186,7 +194,7 @@ def prepare(ds: Dataset, parts: Mapping[str, Sequence[int]], target: str, kind: 
         tgt = Target(kind, mean=mean, std=std if std > 0 and math.isfinite(std) else 1.0)
     else:
         tgt = Target(kind, classes)
-    return FuseData(ds, target, tgt, y, parts, items, pooled, has, dict(tokens or {}), token_rows)
+    return FuseData(ds, target, tgt, y, parts, items, pooled, has, dict(tokens or {}), token_rows, max_tokens)
 
 
 __all__ = ["FuseData", "Target", "leak_free_caption", "prepare", "record_items", "target_of"]

@@ -39,9 +39,10 @@ METHODS = ("late", "concat", "manager", "bridge", "lego")
 
 def load_fusion_data(dataset: str, target: str, kind: Kind, protocol: DataConfig, encoders: Mapping[str, str],
                      extract: ExtractConfig, tokens: bool = True, token_layers: Mapping[str, Sequence[str]] | None = None,
-                     grid: int = 4, device: str = "auto", log: Log = print) -> FuseData:
+                     grid: int = 4, device: str = "auto", max_tokens: int | None = 32, log: Log = print) -> FuseData:
     """The dataset split by ``protocol``, pooled features of each modality of ``encoders`` (from the
-    feature store), and, with ``tokens``, their token stores over the items the parts' records use."""
+    feature store), and, with ``tokens``, their token stores over the items the parts' records use (token
+    modules read at most ``max_tokens`` of an item's tokens; see :mod:`.data`)."""
     ds = load_dataset(dataset)
     splits = make_splits(ds, protocol)
     parts = {"train": splits.train, "val": splits.val, "test": splits.test}
@@ -56,7 +57,7 @@ def load_fusion_data(dataset: str, target: str, kind: Kind, protocol: DataConfig
             layers = (token_layers or {}).get(m)
             stores[m] = extract_tokens([items[i] for i in used if items[i] is not None], enc, m, layers, grid=grid,
                                        batch_size=extract.batch_size, log=log)
-    return prepare(ds, parts, target, kind, cached, stores, list(encoders))
+    return prepare(ds, parts, target, kind, cached, stores, list(encoders), max_tokens=max_tokens)
 
 
 def scores_row(name: str, family: str, model: FusionModule, data: FuseData, seconds: float, parameters: int,
@@ -65,7 +66,8 @@ def scores_row(name: str, family: str, model: FusionModule, data: FuseData, seco
     return {"method": name, "family": family, "seed": seed, "test": evaluate(model, data, "test"),
             "without": {m: evaluate(model, data, "test", without=[m]) for m in model.modalities if len(model.modalities) > 1},
             "parameters": int(parameters), "seconds": round(float(seconds), 2),
-            "epochs": trained.epochs if trained else 0, "best_epoch": trained.best_epoch if trained else 0, "note": note}
+            "epochs": trained.epochs if trained else 0, "best_epoch": trained.best_epoch if trained else 0,
+            "val": evaluate(model, data, "val")[data.target.primary], "note": note}
 
 
 def run_methods(data: FuseData, methods: Sequence[str], cfg: FuseConfig, log: Log = print) -> list[dict[str, Any]]:

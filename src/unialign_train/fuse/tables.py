@@ -20,13 +20,14 @@ def mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> 
     return f"{v.mean():.{digits}f} +- {v.std():.{digits}f}" if len(v) > 1 else f"{v.mean():.{digits}f}"
 
 
-def summarize(rows: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+def summarize(rows: Sequence[dict[str, Any]], metric: str, lower_is_better: bool = False) -> list[dict[str, Any]]:
     """Per method (in first-appearance order): its seeds' rows and the paired difference to the best
-    unimodal method."""
+    unimodal method (the highest mean ``metric``; the lowest with ``lower_is_better``, e.g. MAE)."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     by = {m: {r["seed"]: r for r in rows if r["method"] == m} for m in methods}
     uni = [m for m in methods if next(iter(by[m].values()))["family"] == "unimodal"]
-    best = max(uni, key=lambda m: np.mean([r["test"][metric] for r in by[m].values()])) if uni else None
+    sign = -1.0 if lower_is_better else 1.0
+    best = max(uni, key=lambda m: sign * np.mean([r["test"][metric] for r in by[m].values()])) if uni else None
     out = []
     for m in methods:
         seeds = by[m]
@@ -37,26 +38,28 @@ def summarize(rows: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any
 
 
 def fusion_table(rows: Sequence[dict[str, Any]], kind: str = "classification") -> str:
-    """Markdown: method, test scores (all modalities), difference to the best single modality, scores with
-    each modality hidden, trainable parameters, training time."""
+    """Markdown: method, its number of seeds, test scores (all modalities), difference to the best single
+    modality, scores with each modality hidden, trainable parameters, training time."""
     metric, extra = ("acc1", "acc5") if kind == "classification" else ("mae", "r2")
     scale = 100.0 if kind == "classification" else 1.0
-    summary = summarize(rows, metric)
+    lower = kind != "classification"  # MAE
+    summary = summarize(rows, metric, lower_is_better=lower)
     mods = list(dict.fromkeys(m for r in rows for m in r["without"]))
-    header = ["method", f"{metric} %" if scale == 100 else metric, f"{extra} %" if scale == 100 else extra,
+    header = ["method", "seeds", f"{metric} %" if scale == 100 else metric, f"{extra} %" if scale == 100 else extra,
               f"vs best single ({summary[0]['best_single'] if summary else '-'})"]
     header += [f"without {m}" for m in mods] + ["trainable params", "train s"]
     table = []
     for s in summary:
         rs = s["rows"]
-        cells = [s["method"], mean_std([r["test"][metric] for r in rs], scale),
+        cells = [s["method"], len(rs), mean_std([r["test"][metric] for r in rs], scale),
                  mean_std([r["test"][extra] for r in rs], scale),
                  "-" if s["family"] == "unimodal" or not s["delta"] else
-                 mean_std(s["delta"], scale) + f" ({sum(d > 0 for d in s['delta'])}/{len(s['delta'])} seeds above)"]
+                 mean_std(s["delta"], scale) + f" ({sum((d < 0) if lower else (d > 0) for d in s['delta'])}/"
+                                               f"{len(s['delta'])} seeds {'below' if lower else 'above'})"]
         cells += [mean_std([r["without"][m][metric] for r in rs], scale) if m in rs[0]["without"] else "-" for m in mods]
         cells += [f"{int(np.mean([r['parameters'] for r in rs])):,}", mean_std([r["seconds"] for r in rs], 1.0, 0)]
         table.append(cells)
-    return markdown_rows(header, table, align="lrrr" + "r" * len(mods) + "rr")
+    return markdown_rows(header, table, align="lrrrr" + "r" * len(mods) + "rr")
 
 
 def consistency_table(results: dict[str, Sequence[dict[str, Any]]]) -> str:

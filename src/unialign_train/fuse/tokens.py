@@ -59,7 +59,7 @@ class TokenBatch:
 
 
 class TokenStore:
-    """A complete token store, held in memory (float16): open with :meth:`open`."""
+    """A complete token store (float16 arrays, memory-mapped when opened from disk): open with :meth:`open`."""
 
     def __init__(self, root: Path, manifest: dict[str, Any], items: list[str], offsets: np.ndarray,
                  words: np.ndarray, arrays: dict[str, np.ndarray]):
@@ -77,7 +77,8 @@ class TokenStore:
             raise StoreError(f"{root}: unsupported token store format {manifest.get('format')!r}")
         items = read_json(root / "items.json")
         offsets, words = np.load(root / "offsets.npy"), np.load(root / "words.npy")
-        arrays = {l: np.load(root / "layers" / f"{l}.npy") for l in manifest["layers"]}
+        # memory-mapped: batches read only their rows, and processes reading one store share its pages
+        arrays = {l: np.load(root / "layers" / f"{l}.npy", mmap_mode="r") for l in manifest["layers"]}
         if len(offsets) != len(items) + 1 or any(len(a) != offsets[-1] for a in arrays.values()):
             raise StoreError(f"{root}: offsets, items and token arrays disagree; delete the folder and extract again")
         return cls(root, manifest, items, offsets, words, arrays)
@@ -109,14 +110,17 @@ class TokenStore:
             raise StoreError(f"{self.root}: {len(missing)} item(s) have no tokens, e.g. {missing[0]!r}")
         return np.asarray([row_of[it] for it in items], dtype=np.int64)
 
-    def gather(self, rows: Sequence[int], layers: Sequence[str] | None = None, pad_to: int | None = None) -> TokenBatch:
-        """Tokens of store ``rows``, right-padded to the longest of them (or to ``pad_to``; longer
-        sequences are cut there); a row of -1 gives an all-padding sequence (a missing item)."""
+    def gather(self, rows: Sequence[int], layers: Sequence[str] | None = None, pad_to: int | None = None,
+               max_tokens: int | None = None) -> TokenBatch:
+        """Tokens of store ``rows``, right-padded to the longest of them (or to ``pad_to``), and cut after
+        ``max_tokens`` (or ``pad_to``) tokens; a row of -1 gives an all-padding sequence (a missing item)."""
         layers = list(layers or self.layers)
         rows = np.asarray(rows, dtype=np.int64)
         starts = np.where(rows >= 0, self.offsets[np.maximum(rows, 0)], 0)
         lengths = np.where(rows >= 0, self.offsets[np.maximum(rows, 0) + 1] - starts, 0)
         t = int(pad_to) if pad_to is not None else max(1, int(lengths.max(initial=0)))
+        if max_tokens is not None:
+            t = min(t, int(max_tokens))
         lengths = np.minimum(lengths, t)
         pos = np.arange(t)
         mask = pos[None, :] < lengths[:, None]

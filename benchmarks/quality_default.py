@@ -1,0 +1,129 @@
+"""The quality default (issue 15) on the test split, touched once after the choice on validation.
+
+Scores the new default, the previous default and ASIF on the public protocol (382 unseen concepts in
+the unseen apple style; Fashion-MNIST zero-shot) on the full and the low-data (200 training concepts)
+training sets; a paired test (exact McNemar on the discordant test images, paired bootstrap 95%
+interval; ``benchmarks/paired.py``) of the new default against the previous default and against ASIF;
+and the ablation: each ingredient of the new default removed one at a time.
+
+    python3 benchmarks/quality_default.py
+
+Writes ``benchmarks/results/quality_default.{json,md}``. Configurations are named in ``CONFIGS``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from _common import command, write
+from paired import compare
+from quality_validation import LayerBench
+from unialign_train.evaluate import zero_shot_hits, zero_shot_predictions
+from unialign_train.select import resolve_layer_names
+
+# name -> (image size, image layers, recipe, recipe overrides)
+NEW = (224, "last-4", "unialign", {})
+CONFIGS: dict[str, tuple[int, str, str, dict[str, Any]]] = {
+    "new default (224 px, last-4 layers, unialign)": NEW,
+    "previous default (128 px, final layer, unialign)": (128, "final", "unialign", {}),
+    "ASIF (128 px, final layer; k=800, p=8, centred)": (128, "final", "asif", {}),
+}
+# each ingredient of the new default removed one at a time, and two options it does not use
+ABLATIONS: dict[str, tuple[int, str, str, dict[str, Any]]] = {
+    "- 224 px (128 px)": (128, "last-4", "unialign", {}),
+    "- extra layers (final only)": (224, "final", "unialign", {}),
+    "- nuisance removal (rank 0)": (224, "last-4", "unialign", {"nuisance_rank": 0}),
+    "- sparsify and sharpen (k=all, p=1)": (224, "last-4", "unialign", {"k": None, "p": 1.0}),
+    "- centring": (224, "last-4", "unialign", {"center": False}),
+    "+ concept prototypes (option)": (224, "last-4", "unialign", {"prototypes": True}),
+    "CSA on the same features": (224, "last-4", "csa", {}),
+}
+GOALS = {"acc1": 0.22, "acc5": 0.50, "low_acc1": 0.10, "fmnist_acc1": 0.50}
+
+
+def hits(bench: LayerBench, recipe: str, overrides: dict[str, Any]) -> dict[str, np.ndarray]:
+    cfg = bench.config(recipe, 0, None, overrides)
+    model, splits, _, _ = bench.fit(cfg, 0)
+    emb, weights, _, labels, kept = zero_shot_predictions(model, bench.cached, splits.test, "image", cfg.eval.templates)
+    h1, h5 = zero_shot_hits(emb, weights, labels)
+    return {"acc1": h1.numpy().astype(np.int64), "acc5": h5.numpy().astype(np.int64), "records": kept}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=["main", "ablation"], default="main",
+                    help="main: the three configurations (full, low data, paired tests); ablation: full data only")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    benches: dict[int, LayerBench] = {}
+    configs = CONFIGS if args.part == "main" else ABLATIONS
+    rows, correct = [], {}
+    for name, (size, layers, recipe, ov) in configs.items():
+        if size not in benches:
+            benches[size] = LayerBench(size, fashion=True)
+        b = benches[size]
+        b.use_layers(resolve_layer_names(b.image_encoder, layers))
+        full = b.run(recipe, 0, None, ov)
+        row = {"config": name, "size": size, "layers": b.layers["image"], "recipe": recipe, "overrides": ov,
+               **{k: full[k] for k in ("acc1", "acc5", "r10", "fmnist_acc1", "train_seconds")}}
+        if args.part == "main":
+            low = b.run(recipe, 0, 200, ov)
+            row.update(low_acc1=low["acc1"], low_acc5=low["acc5"], low_fmnist_acc1=low["fmnist_acc1"])
+        if name in CONFIGS:
+            correct[name] = hits(b, recipe, ov)
+        print(f"{name:60s} acc1 {100 * row['acc1']:.2f} acc5 {100 * row['acc5']:.2f} fmnist {100 * row['fmnist_acc1']:.2f} "
+              f"low acc1 {100 * row.get('low_acc1', float('nan')):.2f}", flush=True)
+        rows.append(row)
+    new = list(CONFIGS)[0]
+    paired = {}
+    for other in list(CONFIGS)[1:] if args.part == "main" else []:
+        assert np.array_equal(correct[new]["records"], correct[other]["records"])  # the same test images, same order
+        paired[other] = {m: compare(correct[new][m], correct[other][m]) for m in ("acc1", "acc5")}
+    table = render(rows, paired, new) if args.part == "main" else render_ablation(rows)
+    write("quality_default" if args.part == "main" else "quality_ablation", {"rows": rows, "paired": paired, "goals": GOALS, "seconds": time.perf_counter() - t0},
+          table, command("quality_default.py", argv))
+    return 0
+
+
+def render(rows: list[dict[str, Any]], paired: dict[str, Any], new: str) -> str:
+    pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
+    out = ["| configuration | size | image layers | recipe | acc1 % | acc5 % | R@10 % | Fashion-MNIST acc1 % | "
+           "low-data acc1 % | low-data Fashion-MNIST % |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['config']} | {r['size']} | {','.join(r['layers'])} | {r['recipe']} "
+                   f"{'' if not r['overrides'] else r['overrides']} | {pct(r['acc1'])} | {pct(r['acc5'])} | {pct(r['r10'])} | "
+                   f"{pct(r['fmnist_acc1'])} | {pct(r['low_acc1'])} | {pct(r['low_fmnist_acc1'])} |")
+    first = rows[0]
+    out += ["", "| goal (new default) | target | measured | met |", "|---|---|---|---|"]
+    for k, target in GOALS.items():
+        out.append(f"| {k} | {pct(target)} | {pct(first[k])} | {'yes' if first[k] >= target else 'no'} |")
+    out += ["", f"Paired tests, new default ({new}) against each baseline, on the same 382 test images:", "",
+            "| against | metric | new % | baseline % | new - baseline (95% paired bootstrap) | only new right | "
+            "only baseline right | McNemar exact p |", "|---|---|---|---|---|---|---|---|"]
+    for other, res in paired.items():
+        for m, r in res.items():
+            out.append(f"| {other} | {m} | {pct(r['a'])} | {pct(r['b'])} | {100 * r['diff']:+.2f} "
+                       f"[{100 * r['ci95'][0]:+.2f}, {100 * r['ci95'][1]:+.2f}] | {r['only_a']} | {r['only_b']} | "
+                       f"{r['mcnemar_p']:.3g} |")
+    return "\n".join(out)
+
+
+def render_ablation(rows: list[dict[str, Any]]) -> str:
+    pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
+    out = ["| new default (224 px, last-4 layers, unialign) ... | size | image layers | recipe | acc1 % | acc5 % | R@10 % | "
+           "Fashion-MNIST acc1 % |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['config']} | {r['size']} | {','.join(r['layers'])} | {r['recipe']} "
+                   f"{'' if not r['overrides'] else r['overrides']} | {pct(r['acc1'])} | {pct(r['acc5'])} | {pct(r['r10'])} | "
+                   f"{pct(r['fmnist_acc1'])} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

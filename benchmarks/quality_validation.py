@@ -1,0 +1,187 @@
+"""How the quality default (issue 15) was chosen: style-held-out validation, then the test once.
+
+Every candidate (image size, image layers, recipe and its parameters, hubness correction) is scored as
+``benchmarks/tune_unialign.py`` scores: for each training style s of google/twitter/openmoji, fit on the
+training concepts in the other two styles, classify zero-shot among the validation concepts drawn in s,
+average the three rotations. Neither test concepts nor the apple style enter a score. Fashion-MNIST is
+not a validation set here (it is reported, never used to choose).
+
+Image features come from one store per image size holding every candidate layer
+(``final, block8 .. block15``); a candidate's layers are read from that store, so trying a layer set
+extracts nothing new.
+
+    python3 benchmarks/quality_validation.py --stage layers       # size x layer set, current default recipe
+    python3 benchmarks/quality_validation.py --stage recipes --size 224 --layers last-4
+    python3 benchmarks/quality_validation.py --stage hubness --size 224 --layers last-4
+
+Writes ``benchmarks/results/quality_validation_<stage>.{json,md}``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+from _common import command, markdown, write
+from recipes import Bench, quiet
+from tune_unialign import STYLES
+from unialign_train.evaluate import zero_shot_predictions
+from unialign_train.evaluate.hubness import corrected_scores
+from unialign_train.evaluate.metrics import ranking_scores
+from unialign_train.features import ModalityFeatures
+from unialign_train.select import auto_candidates, resolve_layer_names
+
+SIZES = [128, 160, 192, 224]
+
+
+class LayerBench(Bench):
+    """A :class:`Bench` whose image features are a subset of the candidate-layer store of one size."""
+
+    def __init__(self, size: int, fashion: bool = False):
+        self.size = size
+        enc = f"effnet-lite0?image_size={size}"
+        self.candidates = None
+        super().__init__({"encoders.image": enc, "layers.image": self._candidates(enc)}, fashion=fashion, log=quiet)
+        self.full = {"image": self.cached["image"]}
+        if self.fm is not None:
+            self.full["fm"] = self.fm[1]["image"]
+
+    def _candidates(self, spec: str) -> list[str]:
+        from unialign.encoders import load_encoder
+        return auto_candidates(load_encoder(spec, device="cpu"))
+
+    def use_layers(self, names: list[str]) -> None:
+        """Read ``names`` (a subset of the candidate layers) from the in-memory candidate store."""
+        full = self.full["image"]
+        idx = [full.features.names.index(n) for n in names]
+        feats = type(full.features)([full.features.arrays[i] for i in idx], names)
+        self.cached.modalities["image"] = ModalityFeatures(full.modality, full.store, feats, full.offsets, full.flat)
+        if self.fm is not None:
+            fm = self.full["fm"]
+            self.fm[1].modalities["image"] = ModalityFeatures(fm.modality, fm.store, type(fm.features)(
+                [fm.features.arrays[i] for i in idx], names), fm.offsets, fm.flat)
+        self.layers = {**self.layers, "image": list(names)}
+        self.image_layers = list(names)
+
+
+def heldout(bench: Bench, recipe: str, held: str, overrides: dict[str, Any] | None,
+            hub: list[tuple[str, float, int]]) -> dict[tuple[str, float, int], dict[str, float]]:
+    """Scores of one rotation (fit without style ``held``, validation concepts in ``held``) for each
+    hubness setting ``(method, alpha, k)``; ``("none", 0, 0)`` is the plain cosine."""
+    others = [s for s in STYLES if s != held]
+    cfg = bench.config(recipe, 0, None, {"data.train_styles": others, "data.test_styles": [held], **(overrides or {})})
+    model, splits, _, _ = bench.fit(cfg, 0)
+    val = bench.ds.indices(styles=[held], concepts=splits.concepts["val"])
+    emb, weights, _, labels, _ = zero_shot_predictions(model, bench.cached, val, "image", cfg.eval.templates)
+    bank = None
+    if any(m != "none" for m, _, _ in hub):  # the reference bank: training images and captions only
+        bank_img = model.project("image", bench.cached["image"].record_features(splits.train)[0])
+        bank_txt = model.class_embeddings(sorted({bench.ds.records[int(i)]["concept"] for i in splits.train}),
+                                          cfg.eval.templates)
+        bank = (bank_img, bank_txt)
+    out = {}
+    for h in hub:
+        s = emb @ weights.T if h[0] == "none" else corrected_scores(emb, weights, bank[0], bank[1], *h)
+        out[h] = ranking_scores(torch.topk(s, 5, dim=1).indices, labels)
+    return out
+
+
+def candidate(bench: Bench, name: str, recipe: str, overrides: dict[str, Any] | None = None,
+              hub: list[tuple[str, float, int]] | None = None) -> list[dict[str, Any]]:
+    hub = hub or [("none", 0.0, 0)]
+    per = {held: heldout(bench, recipe, held, overrides, hub) for held in STYLES}
+    rows = []
+    for h in hub:
+        row = {"candidate": name + ("" if h[0] == "none" else f" + {h[0]} alpha={h[1]} k={h[2]}"), "recipe": recipe,
+               "overrides": overrides or {}, "hubness": list(h), "size": getattr(bench, "size", None),
+               "layers": bench.layers["image"], "per_style": {s: per[s][h]["acc1"] for s in STYLES}}
+        for m in ("acc1", "acc5"):
+            row[m] = float(np.mean([per[s][h][m] for s in STYLES]))
+        row["score"] = (row["acc1"] + row["acc5"]) / 2
+        print(f"{row['candidate']:70s} acc1 {100 * row['acc1']:5.1f} acc5 {100 * row['acc5']:5.1f} per style "
+              + " / ".join(f"{100 * per[s][h]['acc1']:.1f}" for s in STYLES), flush=True)
+        rows.append(row)
+    return rows
+
+
+LAYER_SETS = ["final", "last-2", "last-3", "last-4", "last-5", "last-6", "final,block12,block14,block15"]
+
+
+def stage_layers(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        bench = LayerBench(size)
+        for spec in args.layer_sets.split(";"):
+            names = resolve_layer_names(bench.image_encoder, spec)
+            bench.use_layers(names)
+            rows += candidate(bench, f"{size}px {spec} {args.recipe}", args.recipe)
+    return rows
+
+
+def stage_recipes(args: argparse.Namespace) -> list[dict[str, Any]]:
+    bench = LayerBench(args.size)
+    bench.use_layers(resolve_layer_names(bench.image_encoder, args.layers))
+    rows = []
+    for spec in args.candidates.split(";"):
+        recipe, _, params = spec.partition(":")
+        ov = {k: _value(v) for k, v in (kv.split("=") for kv in params.split(",") if kv)}
+        rows += candidate(bench, f"{args.size}px {args.layers} {spec}", recipe, ov)
+    return rows
+
+
+def stage_hubness(args: argparse.Namespace) -> list[dict[str, Any]]:
+    bench = LayerBench(args.size)
+    bench.use_layers(resolve_layer_names(bench.image_encoder, args.layers))
+    hub = [("none", 0.0, 0)] + [(m, float(a), int(k)) for m, a, k in (h.split(":") for h in args.hub.split(",") if h)]
+    rows = []
+    for spec in args.candidates.split(";"):
+        recipe, _, params = spec.partition(":")
+        ov = {k: _value(v) for k, v in (kv.split("=") for kv in params.split(",") if kv)}
+        rows += candidate(bench, f"{args.size}px {args.layers} {spec}", recipe, ov, hub)
+    return rows
+
+
+def _value(v: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(v.lower(), v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stage", choices=["layers", "recipes", "hubness"], required=True)
+    ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    ap.add_argument("--layer-sets", default=";".join(LAYER_SETS))
+    ap.add_argument("--recipe", default="unialign")
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--layers", default="final")
+    ap.add_argument("--candidates", default="unialign;asif;csa")
+    ap.add_argument("--hub", default="nnn:0.1:10,nnn:0.25:10,nnn:0.25:100,nnn:0.5:100,nnn:1:100,csls:1:10,csls:1:100",
+                    help="hubness settings method:alpha:k (stage hubness); the bank is the fold's training data")
+    ap.add_argument("--name", default=None, help="result name suffix (default: the stage)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    rows = {"layers": stage_layers, "recipes": stage_recipes, "hubness": stage_hubness}[args.stage](args)
+    table = markdown(["candidate (style-held-out validation, mean of 3 rotations)", "acc1 %", "acc5 %",
+                      "acc1 per held-out style (" + " / ".join(STYLES) + ")"],
+                     [[r["candidate"], f"{100 * r['acc1']:.1f}", f"{100 * r['acc5']:.1f}",
+                       " / ".join(f"{100 * r['per_style'][s]:.1f}" for s in STYLES)] for r in rows])
+    write(f"quality_validation_{args.name or args.stage}", {"protocol": "style-held-out validation (fit on 2 training "
+          "styles, score validation concepts in the third; mean of 3 rotations)", "rows": rows,
+          "seconds": time.perf_counter() - t0}, table, command("quality_validation.py", argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""``layers: {image: auto}``: the main job chooses which encoder layers to align, on validation.
+
+The job extracts one store with the candidate layers (:func:`~unialign_train.select.auto_candidates`:
+the embedding and the deepest intermediate layers), then fits the run's own recipe once per nested
+candidate set (``last-1`` = the embedding alone, ``last-2``, ...; :data:`~unialign_train.select.layer_names.AUTO_SETS`)
+and keeps the set with the best validation score, the early-stopping score (mean of zero-shot top-1 and
+top-5 among the validation concepts).
+
+Validation is built like the test when it can be: with two or more training styles, each fold fits on the
+training records outside one training style and scores the validation concepts drawn in that style (a
+held-out style as well as held-out concepts, as the test holds out both); the folds' scores are averaged.
+With one style or none there is one fold: the training records, scored on the validation records.
+Test records never enter. Only the chosen layers are read afterwards; the fit of the final model is the
+run's usual one, on all training records.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .align import fit, get_recipe, make_pairs
+from .data import Splits
+from .evaluate import validator
+from .features import Cached, Features, ModalityFeatures
+from .select.layer_names import AUTO_SETS, resolve_layer_names
+
+Log = Callable[[str], None]
+
+
+def with_layers(mf: ModalityFeatures, names: Sequence[str]) -> ModalityFeatures:
+    """The same records and rows, reading only the layers ``names`` of the features (no copy)."""
+    idx = [mf.features.names.index(n) for n in names]
+    return ModalityFeatures(mf.modality, mf.store, Features([mf.features.arrays[i] for i in idx], list(names)),
+                            mf.offsets, mf.flat)
+
+
+def validation_folds(cached: Cached, splits: Splits) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, training records, validation records) per fold (module doc): one fold per training style
+    when there are at least two, else the plain train / validation split."""
+    ds = cached.dataset
+    styles = splits.train_styles or []
+    folds = []
+    if len(styles) >= 2:
+        for s in styles:
+            held = set(ds.indices(styles=[s]).tolist())
+            train = np.array([i for i in splits.train if int(i) not in held], dtype=np.int64)
+            val = np.array([i for i in splits.val if int(i) in held], dtype=np.int64)
+            if len(train) and len(val):
+                folds.append((f"held-out style {s}", train, val))
+    return folds or [("validation concepts", np.asarray(splits.train), np.asarray(splits.val))]
+
+
+def choose_layers(cached: Cached, splits: Splits, recipe_name: str, overrides: dict[str, Any] | None,
+                  align: Sequence[str], modality: str, text_encoder: Any, text_layers: Sequence[str],
+                  templates: str | Sequence[str], device: str = "cpu", log: Log = print,
+                  sets: Sequence[str] = AUTO_SETS) -> tuple[list[str], list[dict[str, Any]]]:
+    """The best candidate layer set of ``modality`` (whose candidate store ``cached`` holds) and the
+    table of every set's validation scores, best first. ``align`` names the two modalities; one of
+    them must be text (the score is zero-shot classification of the other one)."""
+    x, y = align
+    if "text" not in align or x == y:
+        raise ValueError(f"layers auto scores zero-shot classification, which needs text among {list(align)}")
+    query = x if y == "text" else y
+    recipe = get_recipe(recipe_name)
+    full = cached[modality]
+    encoder_like = _LayerList(full.features.names)
+    folds = validation_folds(cached, splits)
+    text = _MemoText(text_encoder)  # every fold and layer set scores the same prompts: encode them once
+    rows = []
+    for spec in sets:
+        names = resolve_layer_names(encoder_like, spec)
+        cached.modalities[modality] = with_layers(full, names)
+        try:
+            tl = names if modality == "text" else text_layers
+            scores = []
+            for (_, train, val) in folds:
+                validate = validator(cached, text, tl, val, query, templates)  # reads this layer set's features
+                pairs = make_pairs(cached, train, x, y)
+                torch.manual_seed(0)
+                fitted = fit(recipe, overrides, cached[x].features, cached[y].features, pairs, align,
+                             validate if recipe.trained else None, None, device, lambda *_: None)
+                scores.append(validate(torch.nn.ModuleDict(fitted.projections)))
+        finally:
+            cached.modalities[modality] = full
+        row = {"set": spec, "layers": names, **{k: float(np.mean([s[k] for s in scores])) for k in scores[0]}}
+        log(f"layers auto: {modality} {spec} ({', '.join(names)}): validation acc1 {100 * row['val_acc1']:.1f} "
+            f"acc5 {100 * row['val_acc5']:.1f} over {len(folds)} fold(s)")
+        rows.append(row)
+    rows.sort(key=lambda r: -r["score"])
+    return list(rows[0]["layers"]), rows
+
+
+class _MemoText:
+    """A text encoder's ``encode`` that encodes each (prompt, layers) once."""
+
+    def __init__(self, encoder: Any):
+        self.encoder, self.memo = encoder, {}
+
+    def encode(self, texts: Sequence[str], layers: Sequence[str] = ("final",), **kw: Any) -> torch.Tensor:
+        key = tuple(layers)
+        todo = list(dict.fromkeys(t for t in texts if (t, key) not in self.memo))
+        if todo:
+            out = torch.as_tensor(self.encoder.encode(todo, **{**kw, "convert_to_numpy": False}, layers=list(layers)))
+            self.memo.update({(t, key): row for t, row in zip(todo, out)})
+        return torch.stack([self.memo[(t, key)] for t in texts])
+
+
+class _LayerList:
+    """The candidate layers as an encoder-like object for :func:`resolve_layer_names` (``last-N`` counts
+    within the candidates, which are the encoder's deepest layers in depth order after ``final``)."""
+
+    def __init__(self, names: Sequence[str]):
+        inner = [n for n in names if n != "final"]
+        self.layer_dims = {n: 0 for n in [*inner, "final"]}
+        self.spec = "the candidate layers"
+
+
+__all__ = ["choose_layers", "validation_folds", "with_layers"]

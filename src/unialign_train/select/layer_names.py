@@ -1,0 +1,71 @@
+"""Encoder-agnostic layer names for configs: ``last-N`` means the N deepest layers of whatever encoder
+runs (the embedding ``final`` included), so one config works for EfficientNet (``block13, block14,
+block15, final``), MiniLM (``layer4, layer5, final``) or any other encoder.
+
+``auto`` (in ``layers`` of the main job) asks the job to choose among nested candidate sets on
+validation (:mod:`unialign_train.choose`); :func:`auto_candidates` names the layers it extracts for that.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+from unialign.encoders.base import FINAL
+from unialign.errors import ConfigError
+
+AUTO = "auto"
+_LAST = re.compile(r"^last-(\d+)$")
+AUTO_DEPTH = 9  # candidate layers ``auto`` extracts: the embedding and the 8 deepest intermediate layers
+AUTO_SETS = ("last-1", "last-2", "last-3", "last-4", "last-6")  # nested candidate sets ``auto`` compares
+
+
+def depth_order(encoder: Any) -> list[str]:
+    """The encoder's layers shallow to deep (its own listing order), the embedding ``final`` last."""
+    names = list(encoder.layer_dims)
+    return [n for n in names if n != FINAL] + ([FINAL] if FINAL in names else [])
+
+
+def is_layer_name(name: str) -> bool:
+    """A name a config may give besides an encoder's own layer names: ``last-N`` or ``auto``."""
+    return name == AUTO or bool(_LAST.match(name))
+
+
+def resolve_layer_names(encoder: Any, names: str | Sequence[str]) -> list[str]:
+    """Concrete layers of ``encoder`` for config names, deepest last, without repeats.
+
+    Each name is a layer of the encoder or ``last-N`` (the N deepest, ``final`` included; all of them
+    when the encoder has fewer, so the default ``last-4`` works for a two-layer encoder too). A
+    comma-separated string is a list. ``auto`` is not resolved here: the main job chooses it (see the module doc).
+    """
+    items = [s.strip() for s in names.split(",")] if isinstance(names, str) else [str(s) for s in names]
+    order = depth_order(encoder)
+    out: list[str] = []
+    for name in (s for s in items if s):
+        m = _LAST.match(name)
+        if name == AUTO:
+            raise ConfigError(f"layers: {AUTO!r} is chosen by the main job on validation; it cannot be combined "
+                              f"with other names (got {items})")
+        if m:
+            n = int(m.group(1))
+            if n < 1:
+                raise ConfigError(f"layers: {name} asks for no layer; say last-1 or more")
+            out += order[-n:]
+        elif name in encoder.layer_dims:
+            out.append(name)
+        else:
+            raise ConfigError(f"layers: {name!r} is not a layer of {encoder.spec}; it has {', '.join(order)} "
+                              "(or say last-N for the N deepest)")
+    if not out:
+        raise ConfigError("layers: give at least one layer name, e.g. [final] or [last-4]")
+    rank = {n: i for i, n in enumerate(order)}
+    return sorted(dict.fromkeys(out), key=rank.__getitem__)
+
+
+def auto_candidates(encoder: Any, depth: int = AUTO_DEPTH) -> list[str]:
+    """The layers ``auto`` extracts (one store): ``final`` first, then the ``depth - 1`` deepest
+    intermediate layers shallow to deep. Every set of :data:`AUTO_SETS` is read from this store."""
+    deepest = resolve_layer_names(encoder, f"last-{min(depth, len(depth_order(encoder)))}")
+    return [FINAL] + [n for n in deepest if n != FINAL]
+
+
+__all__ = ["AUTO", "AUTO_DEPTH", "AUTO_SETS", "auto_candidates", "depth_order", "is_layer_name", "resolve_layer_names"]
