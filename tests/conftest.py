@@ -108,7 +108,8 @@ def real_emoji_features(tmp_path_factory: pytest.TempPathFactory) -> RealEmoji:
 @pytest.fixture
 def one_thread():
     """One torch thread for the test: small training steps ran several times faster on one thread than on
-    two on this project's 2-core machines (the second thread waits on a busy core)."""
+    two on this project's 2-core machines (the second thread waits on a busy core); and bit-exact
+    comparisons with child processes need the children's single thread here too."""
     import torch
 
     before = torch.get_num_threads()

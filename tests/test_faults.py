@@ -35,14 +35,6 @@ KILLS = 10
 QUIET = dict(num_workers=0, show_progress=False)
 
 
-@pytest.fixture
-def one_thread():
-    """Bit-exact comparisons with child processes: the same (single) intra-op thread everywhere."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # == kill and resume ==================================================================================
 EXTRACT_CHILD = """

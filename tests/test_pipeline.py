@@ -48,7 +48,7 @@ def test_main_job_on_a_real_subset(tmp_path):
     assert "zeroshot_classification" in (model_dir / "README.md").read_text()
     ds = load_dataset("emoji")
     idx = ds.indices(styles=["apple"])[:4]
-    store_feats = model.encoders["image"].encode([ds.path(int(i)) for i in idx])
+    store_feats = model.encoders["image"].encode([ds.path(int(i)) for i in idx], layers=model.layers["image"])
     from_images = model.encode([ds.path(int(i)) for i in idx], "image", normalize_embeddings=True)
     from_store = model.project("image", np.asarray(store_feats, dtype=np.float16))  # the store keeps float16
     np.testing.assert_allclose(from_store.numpy(), from_images, atol=2e-2)

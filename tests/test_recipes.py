@@ -21,11 +21,13 @@ FAST = {"max_steps": 150, "batch_size": 128, "warmup_steps": 10, "eval_every": 0
         "checkpoint_every": 0, "seed": 0}
 SPEED = {"sail": {"head_options": {"all": {"expand": 1}}}, "structure": {"structure_warmup": 50},
          # narrower MLPs than the recipes' (only for speed here): ShareLock's text MLP, its mirror's image MLP, the
-         # fused recipe's trained part, FuseMix's residual adapters
+         # fused recipe's trained part, FuseMix's and Freeze-Align's residual adapters, the plain MLP
          "sharelock": {"head_options": {"text": {"hidden": 256, "depth": 1}}},
          "fused": {"head_options": {"text": {"hidden": 256, "depth": 1}}},
          "sharelock-mirror": {"head_options": {"image": {"hidden": 256, "depth": 1}}},
-         "fusemix": {"dim": 128, "head_options": {"all": {"hidden": 256}}}}
+         "fusemix": {"dim": 128, "head_options": {"all": {"hidden": 256}}},
+         "freeze-align": {"dim": 128, "head_options": {"all": {"hidden": 256}}},
+         "mlp": {"head_options": {"all": {"hidden": 256}}}}
 FLOOR = {"relative": 2}  # plain relative representations are the weak ablation (docs/recipes.md)
 # Compositions of recipes checked here already (fused = sharelock + unialign, fusemix = freeze-align + mixup,
 # anchor-head = unialign's anchors + a linear head, sharelock-mirror = sharelock's other side): their own

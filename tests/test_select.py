@@ -41,15 +41,7 @@ register_encoder("tinyimg", _tiny_image, "tinyimg<dim>")
 register_encoder("tinytxt", _tiny_text, "tinytxt<dim>")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one torch thread is fastest, and immune to spinning on a loaded machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one torch thread is fastest
 
 
 @pytest.fixture()

@@ -36,13 +36,7 @@ def frames_of(n: int, size: int = 32, seed: int = 0) -> list[Image.Image]:
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convolutions on tiny clips: one thread (two contend on a busy machine: 50x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small convolutions on tiny clips: one thread is fastest
 
 
 @pytest.fixture(scope="module")
