@@ -31,6 +31,7 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # starts a local Ray cluster (10-30 s on 2 cores); .ci/run runs it
 def test_ray_store_is_byte_identical(tmp_path, ray_local):
     ds = make_image_dataset(tmp_path / "imgs", n=30, bad={4: "empty"})
     kw = dict(layers=["hidden"], shard_size=8, batch_size=3, show_progress=False)
@@ -44,6 +45,7 @@ def test_ray_store_is_byte_identical(tmp_path, ray_local):
     assert _files(t1.root) == _files(t2.root)
 
 
+@pytest.mark.slow  # a local Ray cluster, as above
 def test_ray_resume_skips_complete_shards(tmp_path, ray_local):
     ds = make_image_dataset(tmp_path / "imgs", n=20)
     kw = dict(shard_size=4, batch_size=2, show_progress=False)
