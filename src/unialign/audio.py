@@ -14,7 +14,6 @@ read (``pip install unialign[audio]``), so importing the core needs neither.
 """
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import AudioLoadError, ConfigError
+from .media import open_source
 
 PADS = ("center", "start", "repeat")  # where silence goes (or the clip repeated) when a clip is short
 
@@ -34,19 +34,7 @@ def load_audio(source: str | os.PathLike | bytes, rate: int, name: str | None = 
         import soundfile as sf
     except ImportError:
         raise ConfigError("reading audio needs soundfile: pip install 'unialign[audio]'") from None
-    if isinstance(source, (bytes, bytearray)):
-        where, fh = name or "upload", io.BytesIO(source)
-        if not source:
-            raise AudioLoadError(where, "file is empty (0 bytes)")
-    else:
-        p = Path(source)
-        where, fh = str(p), p
-        if not p.exists():
-            raise AudioLoadError(where, "file does not exist")
-        if p.is_dir():
-            raise AudioLoadError(where, "is a directory, not an audio file")
-        if p.stat().st_size == 0:
-            raise AudioLoadError(where, "file is empty (0 bytes)")
+    where, fh = open_source(source, name, AudioLoadError, "an audio file")
     try:
         wave, sr = sf.read(fh, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile raises LibsndfileError / RuntimeError / TypeError for bad files

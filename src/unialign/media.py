@@ -10,6 +10,7 @@ import io
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageOps
 
@@ -21,6 +22,26 @@ from .standalone.imaging import to_rgb  # shipped with sentence-transformers exp
 MAX_IMAGE_PIXELS = 8192 * 8192
 
 
+def open_source(source: str | os.PathLike | bytes, name: str | None, error: type[Exception],
+                what: str) -> tuple[str, Any]:
+    """``(where, file)`` of a path or of an upload's bytes, after the checks every media loader makes
+    first: a missing path, a directory, zero bytes; each raised as ``error(where, reason)``."""
+    if isinstance(source, (bytes, bytearray)):
+        where = name or "upload"
+        if not source:
+            raise error(where, "file is empty (0 bytes)")
+        return where, io.BytesIO(source)
+    p = Path(source)
+    where = str(p)
+    if not p.exists():
+        raise error(where, "file does not exist")
+    if p.is_dir():
+        raise error(where, f"is a directory, not {what}")
+    if p.stat().st_size == 0:
+        raise error(where, "file is empty (0 bytes)")
+    return where, p
+
+
 def load_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> Image.Image:
     """Open an image (a path, or the bytes of an uploaded file) as RGB, applying EXIF rotation and
     compositing alpha on white.
@@ -29,19 +50,7 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_IMAGE_PI
     readable image: missing, zero bytes, truncated, a directory, a text file; ``too_large`` is set on
     the error when the image has more than ``max_pixels`` pixels (decompression bombs included).
     """
-    if isinstance(source, (bytes, bytearray)):
-        where, fh = name or "upload", io.BytesIO(source)
-        if not source:
-            raise ImageLoadError(where, "file is empty (0 bytes)")
-    else:
-        p = Path(source)
-        where, fh = str(p), p
-        if not p.exists():
-            raise ImageLoadError(where, "file does not exist")
-        if p.is_dir():
-            raise ImageLoadError(where, "is a directory, not an image")
-        if p.stat().st_size == 0:
-            raise ImageLoadError(where, "file is empty (0 bytes)")
+    where, fh = open_source(source, name, ImageLoadError, "an image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -41,21 +41,28 @@ def _out_dim(module: nn.Module) -> int:
     return int(module.out_dim)
 
 
-class Chain(nn.Module):
+class _Composite(nn.Module):
+    """Parts given as modules or as their saved configs; the input is the first part's."""
+
+    def __init__(self, parts: Sequence[dict[str, Any] | nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(p if isinstance(p, nn.Module) else build_part(p) for p in parts)
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.parts[0].in_dim)
+
+
+class Chain(_Composite):
     """``parts[-1](... parts[1](parts[0](x)))``: e.g. an ASIF anchor map, then a trained head that reads
     the anchor profile instead of the raw encoder features."""
 
     kind_of_projection = "chain"
 
     def __init__(self, parts: Sequence[dict[str, Any] | nn.Module]):
-        super().__init__()
         if not parts:
             raise ValueError("a chain needs at least one part")
-        self.parts = nn.ModuleList(p if isinstance(p, nn.Module) else build_part(p) for p in parts)
-
-    @property
-    def in_dim(self) -> int:
-        return int(self.parts[0].in_dim)
+        super().__init__(parts)
 
     @property
     def out_dim(self) -> int:
@@ -70,7 +77,7 @@ class Chain(nn.Module):
         return {"parts": [part_config(p) for p in self.parts]}
 
 
-class WeightedConcat(nn.Module):
+class WeightedConcat(_Composite):
     """``[sqrt(w_1) normalize(P_1(x)), ..., sqrt(w_m) normalize(P_m(x))]`` with weights summing to 1:
     the cosine of two such embeddings is the ``w``-weighted sum of the parts' cosines (module docstring).
     Parts with weight 0 are kept (their zeros keep the width fixed) but not run."""
@@ -78,18 +85,13 @@ class WeightedConcat(nn.Module):
     kind_of_projection = "concat"
 
     def __init__(self, parts: Sequence[dict[str, Any] | nn.Module], weights: Sequence[float]):
-        super().__init__()
         w = [float(v) for v in weights]
         if len(w) != len(parts) or not parts:
             raise ValueError(f"need one weight per part, got {len(w)} weights for {len(parts)} parts")
         if any(not math.isfinite(v) or v < 0 for v in w) or sum(w) <= 0:
             raise ValueError(f"weights must be finite, >= 0 and not all 0, got {w}")
+        super().__init__(parts)
         self.weights = [v / sum(w) for v in w]
-        self.parts = nn.ModuleList(p if isinstance(p, nn.Module) else build_part(p) for p in parts)
-
-    @property
-    def in_dim(self) -> int:
-        return int(self.parts[0].in_dim)
 
     @property
     def out_dim(self) -> int:
