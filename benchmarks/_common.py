@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ def markdown(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def command(script: str, argv: Sequence[str] | None = None) -> str:
     """The command line that made a result, for its Markdown and JSON: ``python3 benchmarks/<script> <args>``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    return " ".join(["python3", f"benchmarks/{script}", *args])
+    return shlex.join(["python3", f"benchmarks/{script}", *args])  # quoted: copy-paste reruns it
 
 
 def write(name: str, data: dict[str, Any], table: str, command: str) -> None:

@@ -69,7 +69,7 @@ def describe(target: str, classes: int, parts: dict[str, int], rows: list[dict])
 
 
 def fusion_task(target: str, methods: list[str], seeds: int, cfg: FuseConfig, budget: Budget, argv: list[str],
-                part: str | None = None) -> None:
+                part: str | None = None, first_seed: int = 0) -> None:
     """Train and score ``methods`` on ``target``; the results go to ``fusion_<target>`` or, with ``part``,
     to ``fusion_<target>.<part>`` (methods run in parallel processes; ``--merge`` joins the parts)."""
     run = load_config()
@@ -87,13 +87,13 @@ def fusion_task(target: str, methods: list[str], seeds: int, cfg: FuseConfig, bu
 
     cheap = [m for m in methods if m in CHEAP]
     slow = [m for m in methods if m not in CHEAP]
-    for seed in range(seeds if cheap else 0):
+    for seed in range(first_seed, first_seed + seeds if cheap else 0):
         rows += run_methods(data, cheap, cfg.model_copy(update={"seed": seed}))
     if cheap:
         save()
-    for seed in range(seeds if slow else 0):
+    for seed in range(first_seed, first_seed + seeds if slow else 0):
         if not budget.allows():
-            print(f"{target}: token methods stop after {seed} seed(s): the budget would be overrun")
+            print(f"{target}: token methods stop before seed {seed}: the budget would be overrun")
             break
         t0 = time.perf_counter()
         for family in slow:  # saved family by family: a stopped run keeps what it finished
@@ -149,6 +149,8 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated: {', '.join(TASKS)}")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"fusion method families: {', '.join(METHODS)}")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 (a part that "
+                                                               "adds seeds to another part's; --merge joins them)")
     ap.add_argument("--model", default="runs/default/model", help="aligned model of the zero-shot detector")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--token-budget", type=float, default=None,
@@ -169,7 +171,8 @@ def main() -> None:
         if task == "consistency":
             consistency_task(args.model, args.seeds, cfg, budget, argv)
         elif task in TASKS:
-            fusion_task(task, [m.strip() for m in args.methods.split(",")], args.seeds, cfg, budget, argv, args.part)
+            fusion_task(task, [m.strip() for m in args.methods.split(",")], args.seeds, cfg, budget, argv, args.part,
+                        args.first_seed)
         else:
             raise SystemExit(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
         print(f"{task}: {time.perf_counter() - t0:.0f}s")

@@ -26,13 +26,14 @@ Scores on the held-out objects' clips:
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from typing import Any
 
 import numpy as np
 import torch
 
-from _common import command, markdown, write
+from _common import RESULTS, command, markdown, write
 from unialign.encoders import load_encoder
 from unialign.encoders.video import pool_frames
 from unialign.model import AlignedModel
@@ -43,8 +44,10 @@ from unialign_train.evaluate import evaluate_split, validator
 from unialign_train.evaluate.motion import motion_scores
 from unialign_train.features import Cached, Features, ModalityFeatures, cache_features, extract
 
-VARIANTS = {"frame mean": ("mean", False), "trend": ("trend", False), "shift + mean": ("mean", True),
-            "shift + trend": ("trend", True)}
+# name -> (pool, shift on, recipe: None = --recipe). "concat" keeps every frame for a trained temporal head.
+VARIANTS = {"frame mean": ("mean", False, None), "trend": ("trend", False, None), "shift + mean": ("mean", True, None),
+            "shift + trend": ("trend", True, None), "attention head": ("concat", False, "temporal"),
+            "shift + attention head": ("concat", True, "temporal")}
 LAYERS = ["final", "block5", "block10", "block13"]  # stored
 CANDIDATES = ["block10", "block13", "final"]  # chosen among on validation objects
 
@@ -78,7 +81,8 @@ def fit_layer(ds: Any, base: Cached, rows: dict[str, np.ndarray], layer: str, en
               splits: Any) -> tuple[AlignedModel, Cached]:
     """The recipe fitted on the training objects' clips (one video layer) and captions, as a model."""
     V = base["video"]
-    cached = Cached(ds, {"video": ModalityFeatures("video", V.store, Features([rows[layer]], [layer]), V.offsets, V.flat),
+    feats = Features([rows[layer]], [layer], enc.steps)
+    cached = Cached(ds, {"video": ModalityFeatures("video", V.store, feats, V.offsets, V.flat),
                          "text": base["text"]})
     pairs = make_pairs(cached, splits.train, "video", "text")
     rec = get_recipe(recipe)
@@ -118,6 +122,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--shift", type=float, default=0.125)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants to run; the others' "
+                                                                     "results are kept from results/video.json")
     ap.add_argument("--choose-recipe", default="", help="comma-separated recipes: score each on seed 0's validation "
                                                         "objects only (writes results/video_recipes)")
     args = ap.parse_args()
@@ -130,12 +136,14 @@ def main() -> None:
     tc = cache_features(ds, {"text": text}, {"text": ["final"]}, cfg.extract, log=lambda s: None, show_progress=False)
     if args.choose_recipe:
         return choose_recipe(ds, stores, tc, text, args)
-    results: dict[str, list[dict[str, Any]]] = {}
-    for name, (pool, on) in VARIANTS.items():
+    results, recipes = kept_results(args, [v for v in args.variants.split(",") if v])
+    for name in [v for v in args.variants.split(",") if v]:
+        pool, on, recipe = VARIANTS[name]
+        recipes[name] = recipe or args.recipe
         enc = load_encoder(spec(args.size, args.frames, pool, args.shift if on else 0.0), device="cpu")
         base = Cached(ds, {"video": ModalityFeatures.build(ds, "video", stores[on], ["final"]), "text": tc["text"]})
         rows = pooled(stores[on], args.frames, pool)
-        results[name] = [run_seed(ds, base, rows, enc, text, args.recipe, s) for s in range(args.seeds)]
+        results[name] = [run_seed(ds, base, rows, enc, text, recipes[name], s) for s in range(args.seeds)]
         r = results[name]
         print(f"{name}: motion {np.mean([x['motion'] for x in r]):.3f}, pair {np.mean([x['reverse_pair'] for x in r]):.3f}",
               flush=True)
@@ -143,17 +151,34 @@ def main() -> None:
             ("text_retrieval_recall@1", "video->text R@1"), ("video_retrieval_recall@1", "text->video R@1"),
             ("acc1", "object zero-shot top-1")]
     ms = lambda v: f"{100 * np.mean(v):.1f} +- {100 * np.std(v):.1f}"  # noqa: E731
-    rows = [[name, ", ".join(sorted({x["layer"] for x in r})), *[ms([x[k] for x in r]) for k, _ in keys]]
-            for name, r in results.items()]
+    rows = [[name, recipes[name], ", ".join(sorted({x["layer"] for x in r})), *[ms([x[k] for x in r]) for k, _ in keys]]
+            for name, r in ((n, results[n]) for n in VARIANTS if n in results)]
     first = results["frame mean"][0]
-    rows.append(["chance", "", f"{100 / 6:.1f}", "50.0", f"{100 * first['chance_text_retrieval_recall@1']:.1f}",
+    rows.append(["chance", "", "", f"{100 / 6:.1f}", "50.0", f"{100 * first['chance_text_retrieval_recall@1']:.1f}",
                  f"{100 * first['chance_video_retrieval_recall@1']:.1f}", f"{100 * first['chance_acc1']:.1f}"])
-    table = markdown(["video features", "layer (val)", *[h for _, h in keys]], rows)
+    table = markdown(["video features", "recipe", "layer (val)", *[h for _, h in keys]], rows)
     ttable = markdown(["store (from empty)", "clips", "frames", "seconds", "clips/s"],
                       [[f"`{t['spec']}`", t["clips"], t["frames"], t["seconds"], t["clips_per_s"]] for t in timing])
-    data = {"seeds": args.seeds, "recipe": args.recipe, "size": args.size, "frames": args.frames, "shift": args.shift,
+    data = {"seeds": args.seeds, "recipe": args.recipe, "recipes": recipes, "size": args.size, "frames": args.frames, "shift": args.shift,
             "results": results, "extraction": timing, "total_seconds": round(time.perf_counter() - t_start, 1)}
     write("video", data, f"{table}\n\nExtraction (2 CPU cores, shared):\n\n{ttable}", command("video.py"))
+
+
+def kept_results(args: Any, run: list[str]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
+    """Results (and recipes) of the variants not in ``run`` from the last results/video.json, when it was
+    made with the same settings; a variant run now replaces its old rows."""
+    unknown = [v for v in run if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; accepted: {', '.join(VARIANTS)}")
+    path = RESULTS / "video.json"
+    if not path.exists() or set(run) == set(VARIANTS):
+        return {}, {}
+    old = json.loads(path.read_text())
+    if [old[k] for k in ("seeds", "size", "frames", "shift")] != [args.seeds, args.size, args.frames, args.shift]:
+        raise SystemExit(f"{path} was made with other settings; run every variant")
+    keep = [n for n in old["results"] if n not in run]
+    return ({n: old["results"][n] for n in keep},
+            {n: old.get("recipes", {}).get(n, old["recipe"]) for n in keep})
 
 
 def choose_recipe(ds: Any, stores: dict[bool, Any], tc: Cached, text: Any, args: Any) -> None:

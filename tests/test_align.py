@@ -78,7 +78,8 @@ def test_structure_zero_for_same_geometry_and_grows_when_shuffled():
 def test_heads_shapes_and_registry():
     x = torch.randn(3, 12)
     for kind in HEADS:
-        opts = {"layer_dims": [4, 8]} if kind == "layermix" else {}
+        opts = {"layer_dims": [4, 8]} if kind in ("layermix", "temporal") else {}
+        opts.update({"frames": 2, "width": 8, "heads": 2} if kind == "temporal" else {})
         out = 12 if kind == "identity" else 6  # the identity head keeps its input space
         assert make_head(kind, 12, out, **opts)(x).shape == (3, out)
     with pytest.raises(ValueError, match="choose one of"):

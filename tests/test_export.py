@@ -356,8 +356,12 @@ def test_default_model_export_without_unialign(tmp_path: Path) -> None:
     from unialign_train.export import export_sentence_transformers
 
     model_dir = Path(__file__).resolve().parents[1] / "runs" / "default" / "model"
-    if not (model_dir / "config.json").exists():
-        pytest.skip("no trained default model in runs/default/model (python3 -m unialign run makes it)")
+    if not (model_dir / "config.json").exists():  # a clean checkout: train it as `unialign run` does (cached features)
+        from unialign_train.config import load_config
+        from unialign_train.pipeline import run
+
+        cfg = load_config(overrides={"output": str(tmp_path / "default"), "eval.zero_shot_sets": {}})
+        model_dir = Path(run(cfg, log=lambda s: None)["model_dir"])
     images = sorted(Path(os.environ.get("UNIALIGN_HOME", Path.home() / ".cache" / "unialign")).glob(
         "datasets/emoji/img/*/1f60*.png"))[:6]
     if not images:

@@ -32,7 +32,8 @@ Log = Callable[[str], None]
 def with_layers(mf: ModalityFeatures, names: Sequence[str]) -> ModalityFeatures:
     """The same records and rows, reading only the layers ``names`` of the features (no copy)."""
     idx = [mf.features.names.index(n) for n in names]
-    return ModalityFeatures(mf.modality, mf.store, Features([mf.features.arrays[i] for i in idx], list(names)),
+    return ModalityFeatures(mf.modality, mf.store, Features([mf.features.arrays[i] for i in idx], list(names),
+                                                            mf.features.steps),
                             mf.offsets, mf.flat)
 
 

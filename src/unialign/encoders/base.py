@@ -59,6 +59,7 @@ class Encoder(torch.nn.Module):
     runtime: Runtime | None = None  # the exported graphs' sessions, for backends other than torch
     graph_name: str  # names the cache folder of its exported graphs: the spec without backend options
     channels_last: bool = False  # convolutional nets on CUDA: NHWC activations (tensor-core friendly)
+    steps: int = 1  # time steps each layer's output holds side by side (a pool=concat video encoder: its frames)
 
     def __init__(self) -> None:
         super().__init__()

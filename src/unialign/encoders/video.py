@@ -21,7 +21,8 @@ Two ways for the order of frames to reach the features, neither trains the image
 - ``pool``: ``mean`` (frame averaging: blind to order by construction), ``trend`` (the mean and the
   least-squares slope of each feature over time, 2 x width: order-aware and parameter-free; a clip
   played backwards flips the slope's sign), or ``concat`` (the frames' features side by side in time
-  order, frames x width: for a trained head in the align stage to pool, e.g. ``head: temporal``).
+  order, frames x width: for the trained attention-pooling head of the align stage, recipe ``temporal``,
+  to pool; :attr:`steps` tells it the number of frames).
 
 ``frames`` is the number of frames sampled from each clip (default 8).
 """
@@ -152,6 +153,7 @@ class VideoEncoder(Encoder):
             for i in self._hooked:
                 blocks[i].register_forward_hook(self._shift_hook)
         factor = POOLS[self.pool] or self.frames
+        self.steps = self.frames if self.pool == "concat" else 1
         self.layer_dims = {k: d * factor for k, d in self.image.layer_dims.items()}
         self.dim = self.layer_dims[FINAL]
         inner_name, inner_opts = parse_spec(self.image.spec)

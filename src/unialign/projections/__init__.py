@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import UnialignError
-from .heads import HEADS, LayerMixHead, Standardize, Tower, count_parameters, make_head
+from .heads import HEADS, LayerMixHead, Standardize, TemporalHead, Tower, count_parameters, make_head
 from .maps import AnchorMap, LinearMap
 
 from ..standalone.compose import Chain, WeightedConcat
@@ -40,5 +40,5 @@ def build_projection(config: dict[str, Any]) -> nn.Module:
         raise UnialignError(f"projection config {config!r} is invalid ({e})") from None
 
 
-__all__ = ["HEADS", "PROJECTIONS", "AnchorMap", "Chain", "WeightedConcat", "LayerMixHead", "LinearMap", "Standardize", "Tower",
+__all__ = ["HEADS", "PROJECTIONS", "AnchorMap", "Chain", "WeightedConcat", "LayerMixHead", "LinearMap", "Standardize", "TemporalHead", "Tower",
            "build_projection", "count_parameters", "make_head", "projection_config"]

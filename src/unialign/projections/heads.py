@@ -5,8 +5,8 @@ sentence-transformers folder ships that same file and runs these heads without u
 """
 from __future__ import annotations
 
-from ..standalone.heads import (HEADS, LayerMixHead, LinearHead, MLPHead, ResidualHead, Standardize, StarHead, Tower,
-                                count_parameters, make_head)
+from ..standalone.heads import (HEADS, LayerMixHead, LinearHead, MLPHead, ResidualHead, Standardize, StarHead, TemporalHead,
+                                Tower, count_parameters, make_head)
 
-__all__ = ["HEADS", "LayerMixHead", "LinearHead", "MLPHead", "ResidualHead", "Standardize", "StarHead", "Tower",
-           "count_parameters", "make_head"]
+__all__ = ["HEADS", "LayerMixHead", "LinearHead", "MLPHead", "ResidualHead", "Standardize", "StarHead", "TemporalHead",
+           "Tower", "count_parameters", "make_head"]

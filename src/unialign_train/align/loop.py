@@ -99,19 +99,24 @@ class TrainResult:
     parameters: int
 
 
-def build_model(cfg: TrainConfig, x_dims: Sequence[int], y_dims: Sequence[int], names: Sequence[str]) -> torch.nn.ModuleDict:
-    """A Tower per modality for features made of layers of the given widths (one entry per stored layer).
-    A layer-mixing head is told the layer boundaries unless its options name them."""
-    def tower(side: str, kind: str, dims: Sequence[int], dim: int) -> Tower:
+def build_model(cfg: TrainConfig, x_dims: Sequence[int], y_dims: Sequence[int], names: Sequence[str],
+                steps: Sequence[int] = (1, 1)) -> torch.nn.ModuleDict:
+    """A Tower per modality for features made of layers of the given widths (one entry per stored layer),
+    each row holding ``steps`` time steps side by side. Layer-mixing and temporal heads are told the
+    layer boundaries (and a temporal head the frames) unless their options name them."""
+    def tower(side: str, kind: str, dims: Sequence[int], dim: int, n_steps: int) -> Tower:
         opts = dict(cfg.head_options.get(side, cfg.head_options.get("all", {})))
-        if kind == "layermix":
+        if kind in ("layermix", "temporal"):
             opts.setdefault("layer_dims", [int(d) for d in dims])
+        if kind == "temporal":
+            opts.setdefault("frames", int(n_steps))
         return Tower(kind, sum(dims), dim, opts)
 
     x, y = names
     kinds = (cfg.head, cfg.text_head or cfg.head)
     dim = shared_dim(cfg.dim, kinds, sum(x_dims), sum(y_dims))
-    return torch.nn.ModuleDict({x: tower(x, kinds[0], x_dims, dim), y: tower(y, kinds[1], y_dims, dim)})
+    return torch.nn.ModuleDict({x: tower(x, kinds[0], x_dims, dim, steps[0]),
+                                y: tower(y, kinds[1], y_dims, dim, steps[1])})
 
 
 def shared_dim(dim: int, kinds: Sequence[str], x_dim: int, y_dim: int) -> int:
@@ -174,7 +179,7 @@ def train(
     world, rank = (D.world_size(), D.rank()) if use_dist else (1, 0)
     main = rank == 0
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, x.dims, y.dims, names)
+    model = build_model(cfg, x.dims, y.dims, names, (x.steps, y.steps))
     x_tower, y_tower = (model[n] for n in names)
     _fit_standardizers(x_tower, y_tower, x, y, pairs, cfg.seed,
                        release=(lambda: _release_pages(x, y)) if cfg.sampling == "chunked" else None)

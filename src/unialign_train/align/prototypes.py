@@ -29,7 +29,7 @@ def prototype_pairs(x: Features, pairs: Pairs) -> tuple[Features, Pairs]:
         x_rows.append(np.concatenate([pairs.x_flat[pairs.x_offsets[i]:pairs.x_offsets[i + 1]] for i in recs]))
         y_rows.append(list(dict.fromkeys(int(r) for i in recs for r in pairs.y_flat[pairs.y_offsets[i]:pairs.y_offsets[i + 1]])))
     arrays = [np.stack([np.asarray(a[rows], dtype=np.float32).mean(0) for rows in x_rows]) for a in x.arrays]
-    return Features(arrays, x.names), Pairs.from_lists(list(range(len(groups))), y_rows, groups)
+    return Features(arrays, x.names, x.steps), Pairs.from_lists(list(range(len(groups))), y_rows, groups)
 
 
 __all__ = ["prototype_pairs"]

@@ -37,10 +37,13 @@ class ExtractConfig(BaseModel):
 
 class Features:
     """Row-gatherable features: one array, or several layers concatenated along the feature axis
-    (what a layer-mixing head reads). Arrays may be numpy or memory-mapped ``ShardedArray``s."""
+    (what a layer-mixing head reads). Arrays may be numpy or memory-mapped ``ShardedArray``s.
+    ``steps``: time steps each row holds side by side in every layer (a ``pool=concat`` video encoder's
+    frames; 1 for pooled features), which a temporal head needs to see the frames."""
 
-    def __init__(self, arrays: Sequence[Any], names: Sequence[str] | None = None):
+    def __init__(self, arrays: Sequence[Any], names: Sequence[str] | None = None, steps: int = 1):
         self.arrays = list(arrays)
+        self.steps = int(steps)
         lengths = {len(a) for a in self.arrays}
         if len(lengths) != 1:
             raise ValueError(f"feature arrays have different row counts: {sorted(lengths)}")
@@ -70,12 +73,14 @@ class ModalityFeatures:
     flat: np.ndarray
 
     @classmethod
-    def build(cls, ds: Dataset, modality: str, store: FeatureStore, layers: Sequence[str]) -> "ModalityFeatures":
+    def build(cls, ds: Dataset, modality: str, store: FeatureStore, layers: Sequence[str], steps: int = 1
+              ) -> "ModalityFeatures":
         row_of = {it: j for j, it in enumerate(store.items())}
         per = [[row_of[it] for it in ds.items(i, modality) if it in row_of] for i in range(len(ds))]
         offsets = np.concatenate([[0], np.cumsum([len(p) for p in per])]).astype(np.int64)
         flat = np.fromiter((r for p in per for r in p), dtype=np.int64, count=int(offsets[-1]))
-        return cls(modality, store, Features([store.array(l) for l in layers], list(layers)), offsets, flat)
+        return cls(modality, store, Features([store.array(l) for l in layers], list(layers), steps),
+                   offsets, flat)
 
     def rows(self, i: int) -> np.ndarray:
         """Feature rows of record ``i``'s items (empty when it has none that could be encoded)."""
@@ -121,7 +126,7 @@ def cache_features(ds: Dataset, encoders: Mapping[str, Encoder], layers: Mapping
                         num_workers=cfg.num_workers, modality=m, show_progress=show_progress)
         if store.skipped:
             log(f"{ds.name}: {len(store.skipped)} {m} item(s) skipped (listed in {store.root}/manifest.json)")
-        cached.modalities[m] = ModalityFeatures.build(ds, m, store, want)
+        cached.modalities[m] = ModalityFeatures.build(ds, m, store, want, enc.steps)
     sizes = ", ".join(f"{len(c.store)} {m}" for m, c in cached.modalities.items())
     log(f"features for {ds.name} ready in {time.perf_counter() - t0:.1f}s ({sizes})")
     return cached
