@@ -88,8 +88,10 @@ class AnchorMap(nn.Module):
     def _profile(self, q: torch.Tensor) -> torch.Tensor:
         s = (q @ self.anchors.T)[:, self.inverse]  # (m, N); duplicated anchors share one computed value
         if self.k is not None:
-            kth = torch.topk(s, self.k, dim=1).values[:, -1:]
-            return F.normalize(torch.where(s >= kth, self._power(s), torch.zeros((), dtype=s.dtype)), dim=-1)
+            kept = s >= torch.topk(s, self.k, dim=1).values[:, -1:]
+            out = torch.zeros_like(s)
+            out[kept] = self._power(s[kept])  # the power only where kept: about k of every N entries
+            return F.normalize(out, dim=-1)
         return F.normalize(self._power(s), dim=-1)
 
     def _power(self, s: torch.Tensor) -> torch.Tensor:
