@@ -152,8 +152,9 @@ class TemporalHead(nn.Module):
     time order (``video:...&pool=concat``), where a fixed pooling (mean, trend) would decide for the
     model what matters in time.
 
-    Each frame's features (all layers of that frame) go through LayerNorm and a linear map to ``width``,
-    plus a learned embedding of the frame's position, so order reaches the head; ``depth`` pre-norm
+    Each frame's features (all layers of that frame) go through LayerNorm and a linear map to ``width``;
+    a temporal convolution over neighbouring frames (``kernel``, residual; 0: none) puts each frame beside
+    its neighbours, and a learned embedding of the frame's position lets order reach the head; ``depth`` pre-norm
     transformer layers let frames attend to each other (motion is a relation between frames); then one
     learned query attends over the frames (the multi-head attention pooling of the Set Transformer's PMA
     and SigLIP's MAP head) and a linear map gives the output. Input layout: each layer's ``frames``
@@ -176,7 +177,7 @@ class TemporalHead(nn.Module):
         frame_dim = sum(d // frames for d in layer_dims)
         self.norm_in = nn.LayerNorm(frame_dim)
         self.embed = nn.Linear(frame_dim, width)
-        if kernel < 0 or kernel % 2 == 0 and kernel:
+        if kernel < 0 or (kernel and kernel % 2 == 0):
             raise ValueError(f"kernel {kernel}: the temporal convolution's width, an odd number (0: none)")
         self.conv = nn.Conv1d(width, width, kernel, padding=kernel // 2) if kernel else None
         # position embeddings on the scale of the frame embeddings, so order reaches the attention from the
