@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from _common import command, write
+from _common import command, markdown, write
 from paired import compare
 from quality_validation import LayerBench
 from unialign_train.evaluate import zero_shot_hits, zero_shot_predictions
@@ -91,14 +91,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def pct(v: float) -> str:
+    return f"{100 * v:.2f}"
+
+
+def config_table(rows: list[dict[str, Any]], first: str, metrics: list[tuple[str, str]]) -> list[str]:
+    """Markdown lines: one row per configuration (size, layers, recipe and its overrides) and ``metrics``
+    (key, header) in percent."""
+    return markdown([first, "size", "image layers", "recipe", *[h for _, h in metrics]],
+                    [[r["config"], r["size"], ",".join(r["layers"]), f"{r['recipe']} {r['overrides'] or ''}",
+                      *[pct(r[k]) for k, _ in metrics]] for r in rows]).split("\n")
+
+
+MAIN_METRICS = [("acc1", "acc1 %"), ("acc5", "acc5 %"), ("r10", "R@10 %"), ("fmnist_acc1", "Fashion-MNIST acc1 %"),
+                ("low_acc1", "low-data acc1 %"), ("low_fmnist_acc1", "low-data Fashion-MNIST %")]
+
+
 def render(rows: list[dict[str, Any]], paired: dict[str, Any], new: str) -> str:
-    pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
-    out = ["| configuration | size | image layers | recipe | acc1 % | acc5 % | R@10 % | Fashion-MNIST acc1 % | "
-           "low-data acc1 % | low-data Fashion-MNIST % |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['config']} | {r['size']} | {','.join(r['layers'])} | {r['recipe']} "
-                   f"{'' if not r['overrides'] else r['overrides']} | {pct(r['acc1'])} | {pct(r['acc5'])} | {pct(r['r10'])} | "
-                   f"{pct(r['fmnist_acc1'])} | {pct(r['low_acc1'])} | {pct(r['low_fmnist_acc1'])} |")
+    out = config_table(rows, "configuration", MAIN_METRICS)
     first = rows[0]
     out += ["", "| goal (new default) | target | measured | met |", "|---|---|---|---|"]
     for k, target in GOALS.items():
@@ -115,15 +125,7 @@ def render(rows: list[dict[str, Any]], paired: dict[str, Any], new: str) -> str:
 
 
 def render_ablation(rows: list[dict[str, Any]]) -> str:
-    pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
-    out = ["| new default (224 px, last-4 layers, unialign) ... | size | image layers | recipe | acc1 % | acc5 % | R@10 % | "
-           "Fashion-MNIST acc1 % |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['config']} | {r['size']} | {','.join(r['layers'])} | {r['recipe']} "
-                   f"{'' if not r['overrides'] else r['overrides']} | {pct(r['acc1'])} | {pct(r['acc5'])} | {pct(r['r10'])} | "
-                   f"{pct(r['fmnist_acc1'])} |")
-    return "\n".join(out)
-
+    return "\n".join(config_table(rows, "new default (224 px, last-4 layers, unialign) ...", MAIN_METRICS[:4]))
 
 if __name__ == "__main__":
     sys.exit(main())

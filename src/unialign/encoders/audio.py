@@ -20,7 +20,6 @@ workers (decode, mono mixdown, resample, cut/pad); musicnn lives in :mod:`.music
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 from pathlib import Path
@@ -68,10 +67,30 @@ class LogMelLayers(nn.Module):
         return tuple(out[k] for k in self.layers)
 
 
-class LogMelEncoder(Encoder):
-    """Log-mel statistics (see the module doc): the no-learning baseline."""
+class AudioEncoder(Encoder):
+    """An encoder of waveforms: the loader every audio encoder has (decode, resample, mix to mono, fit to
+    a fixed window, and an optional frontend, all in the DataLoader workers) and the forward pass of a
+    waveform graph (``graph_module`` maps ``wave`` to the layers)."""
 
     modality = "audio"
+
+    def set_loader(self, rate: int, samples: int, pad: str, frontend: Any = None) -> None:
+        """Build the loader and check it once on silence, so a bad ``pad`` (or a frontend that cannot
+        import) is an error when the encoder is made, not in a worker."""
+        self._loader = AudioLoader(rate, samples, pad, frontend)
+        self._loader(np.zeros(1, np.float32))
+
+    def loader(self) -> AudioLoader:
+        return self._loader
+
+    @torch.inference_mode()
+    def forward(self, batch: torch.Tensor, layers: Sequence[str] = (FINAL,)) -> dict[str, torch.Tensor]:
+        self.check_layers(layers)
+        return self.run_graph({"wave": batch}, layers)
+
+
+class LogMelEncoder(AudioEncoder):
+    """Log-mel statistics (see the module doc): the no-learning baseline."""
 
     def __init__(self, name: str = "", device: str | torch.device | None = None, **options: Any):
         from . import check_options, format_spec
@@ -84,24 +103,15 @@ class LogMelEncoder(Encoder):
         if self.rate < 4000 or not 8 <= n_mels <= 256 or not 0.1 <= self.seconds <= 60:
             raise ConfigError(f"logmel: rate >= 4000, 8 <= n_mels <= 256, 0.1 <= seconds <= 60; got {opts}")
         self.stats = LogMelStats(self.rate, n_mels)
-        self._loader = AudioLoader(self.rate, int(round(self.seconds * self.rate)), str(opts["pad"]))
-        self._loader(np.zeros(1, np.float32))  # validates pad
+        self.set_loader(self.rate, int(round(self.seconds * self.rate)), str(opts["pad"]))
         self.spec = format_spec("logmel", opts, LOGMEL_DEFAULTS)
         self.dim = 2 * n_mels
         self.layer_dims = {FINAL: self.dim, "mean": n_mels, "std": n_mels}
         self.version = "logmel-1"
         self.freeze(device)
 
-    def loader(self) -> AudioLoader:
-        return self._loader
-
     def graph_module(self, layers: Sequence[str]) -> nn.Module:
         return LogMelLayers(self.stats, layers)
-
-    @torch.inference_mode()
-    def forward(self, batch: torch.Tensor, layers: Sequence[str] = (FINAL,)) -> dict[str, torch.Tensor]:
-        self.check_layers(layers)
-        return self.run_graph({"wave": batch}, layers)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "rate": self.rate, "seconds": self.seconds, "layers": self.layer_dims}
@@ -122,10 +132,9 @@ def ewn_model_path(quantize: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "models" / "resnet_50_arc" / EWN_FILES[quantize]
 
 
-class EffWordNetEncoder(Encoder):
+class EffWordNetEncoder(AudioEncoder):
     """EfficientWord-Net's ResNet-50 ArcFace speech embedder on ONNX Runtime (see the module doc)."""
 
-    modality = "audio"
     backend = "onnx"
 
     def __init__(self, name: str = "", device: str | torch.device | None = None, **options: Any):
@@ -141,8 +150,7 @@ class EffWordNetEncoder(Encoder):
         self.path = ewn_model_path(self.quantize)
         if not self.path.is_file():
             raise ConfigError(f"eff-word-net: {self.path} is missing; reinstall efficientword-net")
-        self._loader = AudioLoader(EWN_RATE, int(EWN_RATE * EWN_SECONDS), str(opts["pad"]), functools.partial(ewn_features))
-        self._loader(np.zeros(1, np.float32))  # validates pad and that the package's filterbank imports
+        self.set_loader(EWN_RATE, int(EWN_RATE * EWN_SECONDS), str(opts["pad"]), ewn_features)  # the package's filterbank
         self.spec = format_spec("eff-word-net", opts, EWN_DEFAULTS)
         self.dim = 2048
         self.layer_dims = {FINAL: 2048}
@@ -151,9 +159,6 @@ class EffWordNetEncoder(Encoder):
         self.version = "efficientword-net-1.0.5-" + hashlib.sha256(self.path.read_bytes()).hexdigest()[:12]
         self._sessions: dict[tuple[str, ...], Any] = {}
         self.freeze("cpu" if device in (None, "auto") else device)
-
-    def loader(self) -> AudioLoader:
-        return self._loader
 
     def session(self, layers: Sequence[str]) -> Any:
         """An ONNX Runtime session whose outputs are ``layers`` (stages added as outputs with onnx),
@@ -221,4 +226,4 @@ def stage_output_name(sess: Any, layer: str) -> str:
     return next(o.name for o in sess.get_outputs() if o.name.startswith(prefix))
 
 
-__all__ = ["EffWordNetEncoder", "LogMelEncoder", "ewn_features"]
+__all__ = ["AudioEncoder", "EffWordNetEncoder", "LogMelEncoder", "ewn_features"]

@@ -40,9 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..audio import AudioLoader, mel_filterbank
+from ..audio import mel_filterbank
 from ..errors import ConfigError
-from .base import FINAL, Encoder
+from .audio import AudioEncoder
+from .base import FINAL
 from .tfcheckpoint import read_checkpoint
 
 RATE, N_FFT, HOP, N_MELS = 16000, 512, 256, 96
@@ -167,10 +168,8 @@ class Layers(nn.Module):
         return tuple(out[k] for k in self.layers)
 
 
-class MusicnnEncoder(Encoder):
+class MusicnnEncoder(AudioEncoder):
     """A musicnn tagger as a frozen audio encoder (see the module doc)."""
-
-    modality = "audio"
 
     def __init__(self, name: str, device: str | torch.device | None = None, **options: Any):
         from . import check_options, format_spec
@@ -188,8 +187,7 @@ class MusicnnEncoder(Encoder):
         with torch.no_grad():
             self.net.load_tf(weights)
         self.labels = MTT_LABELS if name == "musicnn-mtt" else MSD_LABELS
-        self.loader_fn = AudioLoader(RATE, int(round(self.seconds * RATE)), str(opts["pad"]))
-        self.loader_fn(np.zeros(1, np.float32))  # validates pad
+        self.set_loader(RATE, int(round(self.seconds * RATE)), str(opts["pad"]))
         self.spec = format_spec(name, opts, DEFAULTS)
         self.dim = 1506
         self.layer_dims = {FINAL: 1506, "timbral": 408, "temporal": 153, "cnn1": 64, "cnn2": 64, "cnn3": 64,
@@ -200,16 +198,8 @@ class MusicnnEncoder(Encoder):
         self.version = f"{VARIANTS[name]}-{h.hexdigest()[:12]}"
         self.freeze(device)
 
-    def loader(self) -> AudioLoader:
-        return self.loader_fn
-
     def graph_module(self, layers: Sequence[str]) -> nn.Module:
         return Layers(self.net, layers)
-
-    @torch.inference_mode()
-    def forward(self, batch: torch.Tensor, layers: Sequence[str] = (FINAL,)) -> dict[str, torch.Tensor]:
-        self.check_layers(layers)
-        return self.run_graph({"wave": batch}, layers)
 
     @torch.inference_mode()
     def tags(self, batch: torch.Tensor, top: int = 3) -> list[list[tuple[str, float]]]:
