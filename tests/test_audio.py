@@ -205,6 +205,37 @@ def test_shared_concepts_hold_out_styles_only(tmp_path):
         make_splits(ds, _cfg(test_styles=["p2"]))
 
 
+def test_spoken_protocol_validates_on_the_other_synthesiser():
+    """spoken trains on the default espeak voices, validates on the Klatt ones, tests on the human."""
+    from unialign_train.data.spoken import HUMAN, TRAIN_VOICES, VAL_VOICES, VOICES, prosody, protocol
+
+    p = protocol(VOICES)
+    assert p["val_styles"] == list(VAL_VOICES) and p["train_styles"] == list(TRAIN_VOICES)
+    assert all("klatt" in v for v in p["val_styles"]) and not any("klatt" in v for v in p["train_styles"])
+    assert p["test_styles"] == [HUMAN]
+    draws = {prosody(v, it) for v in VOICES[:8] for it in ("7", "b", "20")}
+    assert len(draws) > 12 and all(130 <= s <= 210 and 25 <= q <= 75 for s, q in draws)
+    assert prosody("en-us+m1", "7") == prosody("en-us+m1", "7")  # seeded by the clip's name, not by order
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="run scripts/setup_audio.sh (espeak-ng)")
+def test_spoken_clips_carry_their_prosody_and_rebuild_identically(tmp_path):
+    """Each clip is spoken at its own rate and pitch; a forced rebuild writes the same bytes."""
+    from unialign_train.data.spoken import ASTERISK, build_spoken
+
+    if not ASTERISK.is_dir():
+        pytest.skip("run scripts/setup_audio.sh (asterisk-core-sounds-en-wav)")
+    ds = build_spoken(voices=["en-us+m1"], items=["7", "b"], root=tmp_path / "a", workers=1)
+    again = build_spoken(voices=["en-us+m1"], items=["7", "b"], root=tmp_path / "b", workers=1, force=True)
+    synth = [r for r in ds.records if r["source"] == "espeak"]
+    assert len(synth) == 2 and all({"speed", "pitch"} <= set(r) for r in synth)
+    for r in synth:
+        assert (tmp_path / "a" / r["audio"]).read_bytes() == (tmp_path / "b" / r["audio"]).read_bytes()
+    slow = load_audio(tmp_path / "a" / synth[0]["audio"], 16000)
+    assert len(slow) > 1600  # a real utterance, not an empty file
+    assert [r["style"] for r in again.records if r["source"] != "espeak"] == ["human", "human"]
+
+
 # == kill / resume ===================================================================================
 AUDIO_EXTRACT_CHILD = """
 from unialign.encoders import load_encoder
