@@ -189,6 +189,42 @@ def test_asif_embedding_does_not_depend_on_its_batch() -> None:
     assert m.projections_[1].n_unique == 20 and m.projections_[1].n_anchors == 60  # stored once each
 
 
+@pytest.mark.parametrize("k,copies", [(7, 3), (1, 3), (59, 3), (5, 1), (40, 4)])
+def test_asif_cut_on_distinct_anchors_is_the_cut_over_all_positions(k: int, copies: int) -> None:
+    """The k-th largest cosine, found among the distinct anchors with their counts, is the k-th largest
+    of the N-wide row (a selection, no arithmetic: equal bit for bit), ties across distinct anchors too."""
+    from unialign.projections import AnchorMap
+
+    g = torch.Generator().manual_seed(k)
+    n_unique = 60 // copies
+    m = AnchorMap(8, n_unique * copies, n_unique, k=k, p=4.0)
+    m.inverse.copy_(torch.randperm(n_unique * copies, generator=g) % n_unique)
+    s = torch.randn(30, n_unique, generator=g)
+    s[:, 1] = s[:, 0]  # two distinct anchors with equal cosines
+    want = torch.topk(s[:, m.inverse], k, dim=1).values[:, -1:]
+    assert torch.equal(m._cut(s), want)
+
+
+def test_maps_keep_their_float64_state_through_a_module_wide_cast() -> None:
+    """A host that casts every module to its backbone's dtype (sentence-transformers 6.3 loading an
+    export) must not round the maps' float64 state: values stay bit-exact, float32 buffers follow."""
+    from unialign.projections import AnchorMap, LinearMap
+
+    lin, anc = LinearMap(4, 3), AnchorMap(4, 6, 3, k=2, nuisance_rank=1)
+    for b in (lin.mean, lin.weight, anc.mean, anc.nuisance):
+        b.copy_(torch.full_like(b, 1 / 3))  # not a float32 number
+    before = {id(m): {n: b.clone() for n, b in m.named_buffers()} for m in (lin, anc)}
+    x = torch.randn(5, 4)
+    want = lin(x)
+    for m in (lin, anc):
+        m.float()
+        for n, b in m.named_buffers():
+            assert b.dtype == before[id(m)][n].dtype and torch.equal(b, before[id(m)][n]), n
+    anc.half()
+    assert anc.anchors.dtype == torch.float16 and anc.nuisance.dtype == torch.float64  # others follow the cast
+    assert torch.equal(lin(x), want)
+
+
 def test_input_validation() -> None:
     img, txt = _paired(n=20)
     with pytest.raises(ValueError, match=r"\(20, 24\).*\(19, 16\)"):

@@ -19,7 +19,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class LinearMap(nn.Module):
+class _KeepsFloat64(nn.Module):
+    """Float64 buffers keep their dtype (and their exact values) through module-wide casts: a host that
+    aligns every module to its backbone's dtype (sentence-transformers 6.3 does, with ``_apply``) would
+    otherwise round the maps' float64 state to float32. Device moves still apply."""
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "_KeepsFloat64":
+        kept = {n: b for n, b in self._buffers.items() if b is not None and b.dtype == torch.float64}
+        super()._apply(fn, recurse)
+        for name, b in kept.items():
+            self._buffers[name] = b.to(device=self._buffers[name].device)
+        return self
+
+
+class LinearMap(_KeepsFloat64):
     """``(normalize(x) - mean) @ weight``: Procrustes, ridge least squares and CCA (canonical weights
     folded into ``weight``). ``weight`` may be absent (identity after centring: the least-squares text
     side, whose targets are the centred text features themselves)."""
@@ -44,13 +57,15 @@ class LinearMap(nn.Module):
         return {"in_dim": self.in_dim, "out_dim": self.out_dim, "identity": self.identity, "dtype": self.dtype}
 
 
-class AnchorMap(nn.Module):
+class AnchorMap(_KeepsFloat64):
     """ASIF / relative representations: a row becomes its sparse, sharpened cosine profile over N anchors.
 
     ``forward``: normalise and centre; optionally project off the ``nuisance`` directions (orthonormal
     columns: how items of one concept differ, e.g. drawing styles); normalise; cosine to every anchor;
     keep the entries at or above the row's ``k``-th largest cosine, raise them to the sign-preserving
-    power ``p``, zero the rest; L2-normalise. The output is normalised by definition (the profile *is*
+    power ``p``, zero the rest; L2-normalise. The cosines, the cut and the power are computed on the
+    distinct anchors and spread to all N positions last (the default's 13569 anchors are 3965 distinct
+    images and 3263 distinct captions). The output is normalised by definition (the profile *is*
     the embedding), so it is the same with and without a later normalisation.
 
     Anchors are stored de-duplicated (``anchors`` holds the U distinct rows, ``inverse`` maps each of
@@ -86,13 +101,23 @@ class AnchorMap(nn.Module):
         return torch.cat(outs) if outs else q.new_zeros(0, self.n_anchors)
 
     def _profile(self, q: torch.Tensor) -> torch.Tensor:
-        s = (q @ self.anchors.T)[:, self.inverse]  # (m, N); duplicated anchors share one computed value
+        s = q @ self.anchors.T  # (m, U): each distinct anchor's cosine, computed once
         if self.k is not None:
-            kept = s >= torch.topk(s, self.k, dim=1).values[:, -1:]
-            out = torch.zeros_like(s)
-            out[kept] = self._power(s[kept])  # the power only where kept: about k of every N entries
-            return F.normalize(out, dim=-1)
-        return F.normalize(self._power(s), dim=-1)
+            s = torch.where(s >= self._cut(s), self._power(s), s.new_zeros(()))
+        else:
+            s = self._power(s)
+        return F.normalize(s[:, self.inverse], dim=-1)  # spread to the N anchor positions
+
+    def _cut(self, s: torch.Tensor) -> torch.Tensor:
+        """Each row's ``k``-th largest cosine over the N anchor positions, found among the U distinct
+        anchors (an anchor held c times counts c times): the k largest of N entries cover at most k
+        distinct values, so the cut is among the row's top ``min(k, U)`` distinct cosines, the first
+        whose running count of positions reaches k. Same value as ``topk`` over the N-wide row, at a
+        U-wide cost."""
+        counts = torch.bincount(self.inverse, minlength=self.n_unique)
+        top, idx = torch.topk(s, min(int(self.k), s.shape[1]), dim=1)
+        before = (counts[idx].cumsum(dim=1) < self.k).sum(dim=1, keepdim=True)  # positions short of k
+        return top.gather(1, before)
 
     def _power(self, s: torch.Tensor) -> torch.Tensor:
         """Sign-preserving ``sign(s) * |s|**p``; the identity, bit for bit, when p == 1."""
