@@ -154,6 +154,17 @@ def test_faiss_kinds_return_exact_self_match(kind: str) -> None:
     assert (rows[:, 0] == np.arange(20)).mean() >= 0.9
 
 
+def test_hnsw_builds_are_byte_identical_and_leave_the_thread_count() -> None:
+    """HNSW insertion runs on one thread, so a rebuild of one set is the same graph, byte for byte."""
+    import faiss
+
+    x = np.random.default_rng(1).normal(size=(3000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    threads = faiss.omp_get_max_threads()
+    a, b = (faiss.serialize_index(make_faiss_index(x, "hnsw")[0]) for _ in range(2))
+    assert np.array_equal(a, b) and faiss.omp_get_max_threads() == threads
+
+
 def test_auto_kind_switches_above_threshold() -> None:
     x = np.eye(8, dtype=np.float32)
     assert make_faiss_index(x, "auto", threshold=100)[1]["kind"] == "flat"

@@ -91,8 +91,25 @@ def build_index(vectors: Any, kind: str = "auto", *, threshold: int = HNSW_THRES
         index.nprobe = int(nprobe or min(nlist, max(1, nlist // 8)))
         info.update(nlist=nlist, nprobe=index.nprobe)
     if n:
-        index.add(x)
+        if kind == "hnsw":
+            _add_single_threaded(faiss, index, x)
+        else:
+            index.add(x)
     return index, info
+
+
+def _add_single_threaded(faiss: Any, index: Any, x: np.ndarray) -> None:
+    """HNSW insertion on one OpenMP thread. FAISS's parallel ``IndexHNSW.add`` can crash (SIGSEGV in
+    ``HNSW::add_with_locks`` under OpenMP, faiss issue 5294); one CI run here died with a SIGSEGV in the
+    test that builds an HNSW index beside PyTorch (it passed on rerun), and the parallel insertion's
+    order of linking may depend on thread timing. One thread is safe and builds one graph per set;
+    search stays parallel."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        index.add(x)
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 __all__ = ["HNSW_THRESHOLD", "INDEX_KINDS", "build_index", "topk"]
