@@ -97,24 +97,24 @@ class AnchorMap(_KeepsFloat64):
         if self.nuisance_rank:
             xc = xc - (xc @ self.nuisance) @ self.nuisance.T
         q = F.normalize(xc, dim=-1).float()
-        outs = [self._profile(q[s : s + self.chunk_size]) for s in range(0, len(q), self.chunk_size)]
+        counts = torch.bincount(self.inverse, minlength=self.n_unique)  # positions per distinct anchor
+        outs = [self._profile(q[s : s + self.chunk_size], counts) for s in range(0, len(q), self.chunk_size)]
         return torch.cat(outs) if outs else q.new_zeros(0, self.n_anchors)
 
-    def _profile(self, q: torch.Tensor) -> torch.Tensor:
+    def _profile(self, q: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         s = q @ self.anchors.T  # (m, U): each distinct anchor's cosine, computed once
         if self.k is not None:
-            s = torch.where(s >= self._cut(s), self._power(s), s.new_zeros(()))
+            s = torch.where(s >= self._cut(s, counts), self._power(s), s.new_zeros(()))
         else:
             s = self._power(s)
         return F.normalize(s[:, self.inverse], dim=-1)  # spread to the N anchor positions
 
-    def _cut(self, s: torch.Tensor) -> torch.Tensor:
+    def _cut(self, s: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Each row's ``k``-th largest cosine over the N anchor positions, found among the U distinct
         anchors (an anchor held c times counts c times): the k largest of N entries cover at most k
         distinct values, so the cut is among the row's top ``min(k, U)`` distinct cosines, the first
         whose running count of positions reaches k. Same value as ``topk`` over the N-wide row, at a
-        U-wide cost."""
-        counts = torch.bincount(self.inverse, minlength=self.n_unique)
+        U-wide cost. ``counts``: how many of the N positions each distinct anchor holds."""
         top, idx = torch.topk(s, min(int(self.k), s.shape[1]), dim=1)
         before = (counts[idx].cumsum(dim=1) < self.k).sum(dim=1, keepdim=True)  # positions short of k
         return top.gather(1, before)
