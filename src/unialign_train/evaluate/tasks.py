@@ -21,6 +21,7 @@ from unialign.zeroshot import TEMPLATES, get_templates, zero_shot_classifier
 
 from ..data.records import Dataset
 from ..features.cache import Cached
+from ..features.texts import encode_texts
 from .metrics import retrieval_chance, retrieval_scores, zero_shot_chance, zero_shot_scores
 
 
@@ -93,7 +94,16 @@ def zero_shot_predictions(model: AlignedModel, cached: Cached, indices: Sequence
     """(embeddings, class weights, class names, labels, record indices kept) of a zero-shot split."""
     feats, kept = cached[modality].record_features(indices)
     names, labels = class_names_and_labels(cached.dataset, kept)
-    return model.project(modality, feats), model.class_embeddings(names, templates), names, labels, kept
+    return model.project(modality, feats), class_weights(model, names, templates), names, labels, kept
+
+
+def class_weights(model: AlignedModel, names: Sequence[str], templates: str | Sequence[str]) -> torch.Tensor:
+    """``model.class_embeddings(names, templates)``, bit for bit, with the prompts' raw text features
+    from the prompt cache (:mod:`unialign_train.features.texts`): a protocol scores the same prompts in
+    every run, so a run on cached features need not run the text encoder at all."""
+    enc, layers = model.text_encoder, model.layers["text"]
+    return zero_shot_classifier(lambda p: model.project("text", encode_texts(enc, p, layers), normalize=False),
+                                names, get_templates(templates))
 
 
 def classification(model: AlignedModel, cached: Cached, indices: Sequence[int], modality: str, name: str,
@@ -159,5 +169,5 @@ def validator(cached: Cached, text_encoder: Any, text_layers: Sequence[str], ind
     return validate
 
 
-__all__ = ["EvalConfig", "ZeroShotSet", "class_names_and_labels", "classification", "evaluate_split", "retrieval",
-           "validator", "zero_shot_predictions", "zero_shot_set"]
+__all__ = ["EvalConfig", "ZeroShotSet", "class_names_and_labels", "class_weights", "classification", "evaluate_split",
+           "retrieval", "validator", "zero_shot_predictions", "zero_shot_set"]
