@@ -103,8 +103,10 @@ class AnchorMap(_KeepsFloat64):
 
     def _profile(self, q: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         s = q @ self.anchors.T  # (m, U): each distinct anchor's cosine, computed once
-        if self.k is not None:
-            s = torch.where(s >= self._cut(s, counts), self._power(s), s.new_zeros(()))
+        if self.k is not None:  # the power on the kept cosines only (about k of U per row)
+            keep = s >= self._cut(s, counts)
+            kept, s = s[keep], torch.zeros_like(s)
+            s[keep] = self._power(kept)
         else:
             s = self._power(s)
         return F.normalize(s[:, self.inverse], dim=-1)  # spread to the N anchor positions
