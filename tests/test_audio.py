@@ -271,6 +271,7 @@ def _needs_audio_setup() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # from an empty cache: builds the set (4935 speech clips) and extracts it on one thread
 @pytest.mark.parametrize("config,factor", [("audio-music.yaml", 20), ("audio-speech.yaml", 10)])
 def test_audio_text_runs_end_to_end_well_above_chance(config, factor, tmp_path):
     """`unialign run configs/audio-*.yaml`: zero-shot classification of held-out pitches (music, 128
