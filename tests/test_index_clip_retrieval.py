@@ -14,14 +14,11 @@ index`` and autofaiss read embeddings.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import signal
 import subprocess
 import venv
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -90,31 +87,9 @@ print(json.dumps(out))
 '''
 
 
-@contextlib.contextmanager
-def _default_sigchld() -> Iterator[None]:
-    """SIGCHLD at its default disposition (discarded, no handler runs) for the duration.
-
-    Three `.ci/run`s from an empty cache died at this fixture; the core of the third shows where: the test
-    process, waiting for ensurepip, got a SIGSEGV forced by the kernel (si_code SI_KERNEL, the main thread
-    blocked in ``read`` on the child's pipe), i.e. the kernel could not set up the frame of a signal handler, and the only signal
-    that reaches a process waiting on its child is SIGCHLD, whose handler torch's DataLoader installs
-    (in the main process, for good) once multi-worker loading has run. Waiting on a child does not need
-    that handler; with the default disposition no handler frame is set up at all."""
-    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGCHLD, previous)
-
-
 @pytest.fixture(scope="module")
 def clip_retrieval_python() -> Path:
     """The python of a virtualenv that has clip-retrieval; made once under $UNIALIGN_HOME/venvs."""
-    with _default_sigchld():
-        return _clip_retrieval_python()
-
-
-def _clip_retrieval_python() -> Path:
     root = home() / "venvs" / "clip-retrieval-2.45.0"
     python = root / "bin" / "python"
     if not (root / "installed").exists():
