@@ -308,7 +308,7 @@ def test_st_card_key_follows_the_files_and_a_wrong_card_is_caught(tmp_path: Path
     monkeypatch.setenv("UNIALIGN_HOME", str(tmp_path / "home"))
     src = packaged_minilm_path()
     good = load_encoder("st:minilm").config()
-    write_card(src, None, {**read_card(src, None), "version": "0" * 12})
+    write_card(card_path(src, None), {**read_card(card_path(src, None)), "version": "0" * 12})
     stale = load_encoder("st:minilm")
     assert stale.version == "0" * 12 and not stale.loaded
     with pytest.raises(ConfigError, match="not those its card recorded"):

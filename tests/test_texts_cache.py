@@ -24,6 +24,7 @@ def test_cached_texts_are_the_encoders_output_without_the_encoder(tmp_path: Path
     monkeypatch.setenv("UNIALIGN_HOME", str(tmp_path))
     enc = load_encoder("st:minilm?backend=torch")
     first = encode_texts(enc, PROMPTS, ["final", "layer2"])
+    # exact: encode_texts runs this very call (a rerun), then returns what it saved (a load)
     assert np.array_equal(first.numpy(), enc.encode(PROMPTS, batch_size=256, layers=["final", "layer2"]))
     fresh = load_encoder("st:minilm?backend=torch")
     assert not fresh.loaded

@@ -24,3 +24,9 @@ def features_dir() -> Path:
 
 def downloads_dir() -> Path:
     return home() / "downloads"
+
+
+def slug(name: str) -> str:
+    """``name`` (an encoder spec, say) as a file-name part: characters other than letters, digits and
+    ``-_.`` become ``_``, cut at 60; cache folders add a digest of their key, so slugs need not be unique."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:60]

@@ -251,8 +251,7 @@ def cache_root() -> Path:
 def cache_folder(name: str, key: dict[str, Any]) -> Path:
     """``$UNIALIGN_HOME/onnx/<name>-<digest of key>``."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:60]
-    return cache_root() / f"{slug}-{digest}"
+    return cache_root() / f"{paths.slug(name)}-{digest}"
 
 
 def _cached(name: str, key: dict[str, Any]) -> Path | None:

@@ -107,21 +107,21 @@ def card_path(source: Path, max_length: int | None) -> Path:
     return paths.home() / "encoders" / f"st-{source.name[:40]}-{digest}.json"
 
 
-def read_card(source: Path, max_length: int | None) -> dict[str, Any] | None:
-    """The card of the model in ``source`` (None when there is none or it cannot be read)."""
+def read_card(path: Path) -> dict[str, Any] | None:
+    """The card at ``path`` (from :func:`card_path`; None when there is none or it cannot be read)."""
     try:
-        card = read_json(card_path(source, max_length))
+        card = read_json(path)
     except (OSError, ValueError):
         return None
     ok = isinstance(card, dict) and all(k in card for k in CARD_KEYS) and isinstance(card["layer_dims"], dict)
     return card if ok else None
 
 
-def write_card(source: Path, max_length: int | None, card: dict[str, Any]) -> None:
-    """Record what loading the model in ``source`` found; a read-only cache folder only costs the next
-    run a load."""
+def write_card(path: Path, card: dict[str, Any]) -> None:
+    """Record what loading a model found at ``path`` (from :func:`card_path`); a read-only cache folder
+    only costs the next run a load."""
     try:
-        write_json(card_path(source, max_length), {k: card[k] for k in CARD_KEYS})
+        write_json(path, {k: card[k] for k in CARD_KEYS})
     except OSError:
         pass
 
@@ -149,11 +149,13 @@ class SentenceTransformerEncoder(TextEncoder):
         self._canonical, self._packaged, self._max_length_option = canonical, packaged, opts["max_length"]
         self.spec = format_spec(f"st:{canonical}", opts, DEFAULTS)
         self.graph_name = format_spec(f"st:{canonical}", without_backend(opts), DEFAULTS)
-        card = read_card(self._source, opts["max_length"]) if self._source is not None else None
+        # the folder's files are listed once, here: the card's path stays valid for this encoder's life
+        self._card = card_path(self._source, opts["max_length"]) if self._source is not None else None
+        card = read_card(self._card) if self._card is not None else None
         if card is None:
             card = self._load()
-            if self._source is not None:
-                write_card(self._source, opts["max_length"], card)
+            if self._card is not None:
+                write_card(self._card, card)
         self.version, self.dim, self.normalize = str(card["version"]), int(card["dim"]), bool(card["normalize"])
         self.layer_dims = {k: int(v) for k, v in card["layer_dims"].items()}
         self.max_length = int(card["max_length"])
@@ -219,7 +221,7 @@ class SentenceTransformerEncoder(TextEncoder):
             if not self.loaded:
                 card = self._load()
                 if card["version"] != self.version:  # the folder changed, yet kept its files' sizes and times
-                    write_card(self._source, self._max_length_option, card)
+                    write_card(self._card, card)
                     raise ConfigError(f"{self.spec}: the model's weights (version {card['version']}) are not those its "
                                       f"card recorded ({self.version}); the card is corrected: load the encoder again")
         return super().__getattr__(name) if name == "model" else self.__dict__[name]

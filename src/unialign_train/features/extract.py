@@ -82,8 +82,7 @@ def superset_store(folder: Path, key: dict[str, Any]) -> FeatureStore | None:
 
 def _path_for_key(dataset: Dataset, encoder: Encoder, key: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in encoder.spec)[:60]
-    return paths.features_dir() / dataset.name / f"{slug}-{digest}"
+    return paths.features_dir() / dataset.name / f"{paths.slug(encoder.spec)}-{digest}"
 
 
 def extract(

@@ -31,8 +31,7 @@ def texts_path(encoder: Encoder, texts: Sequence[str], layers: Sequence[str], ba
     """The cache file of one ``encode`` call: a new name whenever any of its inputs changes."""
     key = {"encoder": encoder.config(), "layers": list(layers), "batch_size": int(batch_size), "texts": list(texts)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
-    slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in encoder.spec)[:60]
-    return paths.features_dir() / "texts" / f"{slug}-{digest}.npy"
+    return paths.features_dir() / "texts" / f"{paths.slug(encoder.spec)}-{digest}.npy"
 
 
 def encode_texts(encoder: Encoder, texts: Sequence[str], layers: Sequence[str], batch_size: int = 256) -> torch.Tensor:

@@ -170,8 +170,7 @@ def token_store_path(items: Sequence[str], encoder: Encoder, modality: str, laye
     key = {"format": FORMAT, "encoder": enc, "modality": modality, "layers": list(layers), "grid": grid,
            "items": holder.fingerprint(modality), "n_items": len(items)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in encoder.spec)[:60]
-    return paths.features_dir() / "tokens" / f"{slug}-{modality}-{digest}"
+    return paths.features_dir() / "tokens" / f"{paths.slug(encoder.spec)}-{modality}-{digest}"
 
 
 def extract_tokens(items: Sequence[str], encoder: Encoder, modality: str, layers: Sequence[str] | None = None,
