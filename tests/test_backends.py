@@ -17,6 +17,8 @@ import importlib.util
 import json
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -311,6 +313,32 @@ def test_openvino_runs_the_same_graph(home: Path) -> None:
     enc = TinyConvEncoder("openvino")
     assert "openvino" in enc.backend_info()
     assert_agree(enc.forward(x, [FINAL, "conv"]), TinyConvEncoder("torch").forward(x, [FINAL, "conv"]))
+
+
+SIGNAL_AFTER_TWO_ENCODERS = r"""
+import gc, os, signal, torch
+from graph_encoders import TinyConvEncoder
+signal.signal(signal.SIGUSR1, lambda *a: print("handled", flush=True))
+x = torch.rand(2, 3, 16, 16)
+first, second = TinyConvEncoder("openvino"), TinyConvEncoder("openvino", seed=1)
+first.forward(x), second.forward(x)
+del first; gc.collect()
+del second; gc.collect()
+os.kill(os.getpid(), signal.SIGUSR1)  # runs on the thread's alternate signal stack
+print("alive", flush=True)
+"""
+
+
+def test_openvino_encoders_dropped_in_creation_order_leave_signals_working(home: Path) -> None:
+    """OpenVINO's CPU plugin swaps the thread's alternate signal stack and unmaps its own when destroyed:
+    two plugins freed first-in-first-out left a dangling stack and the next handled signal a SIGSEGV
+    (the slow tier's crash). unialign keeps one plugin per process, so a signal after any sequence of
+    encoders is handled. In a fresh process: a crash here would take the test process down with it."""
+    pytest.importorskip("openvino")
+    r = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_TWO_ENCODERS], cwd=Path(__file__).parent,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "UNIALIGN_HOME": str(home)})
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.split() == ["handled", "alive"]
 
 
 # -- GPU code path, checked on CPU --------------------------------------------------------------------

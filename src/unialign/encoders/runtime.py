@@ -201,11 +201,10 @@ class _Session:
         self.backend, self.path, self.outputs = backend, path, outputs
         threads = torch.get_num_threads()
         if backend == "openvino":
-            import openvino
-
             # f32 precision: on CPUs with bf16 units OpenVINO would otherwise lower the precision itself
-            self._compiled = openvino.Core().compile_model(str(path), "CPU", {
-                "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+            with _OPENVINO_LOCK:
+                self._compiled = _openvino_core().compile_model(str(path), "CPU", {
+                    "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
             self._names = [p.get_any_name() for p in self._compiled.inputs]
         else:
             import onnxruntime as ort
@@ -232,6 +231,30 @@ class _Session:
         else:
             arrays = self._ort.run(None, feeds)
         return {k: torch.from_numpy(np.asarray(a, dtype=np.float32)) for k, a in zip(self.outputs, arrays)}
+
+
+_OPENVINO_LOCK = threading.Lock()
+_OPENVINO_CORE: Any = None
+
+
+def _openvino_core() -> Any:
+    """The process's one ``openvino.Core``, kept until the process exits.
+
+    Why one, and never dropped: each Core loads its own CPU plugin, and the plugin swaps the calling
+    thread's alternate signal stack for a buffer of its own (for the large signal frames of AMX) that
+    its destructor unmaps, putting back the stack it replaced. Two plugins destroyed in the order they
+    were created leave the thread pointing at the first one's unmapped buffer, and the next signal
+    with a handler (SIGINT, or SIGCHLD once torch's DataLoader has run) kills the process with a
+    SIGSEGV the kernel raises when it cannot write the signal frame. One plugin that lives as long as
+    the process keeps a valid stack (``tests/test_backends.py`` runs the sequence in a fresh process).
+    Called with ``_OPENVINO_LOCK`` held.
+    """
+    global _OPENVINO_CORE
+    if _OPENVINO_CORE is None:
+        import openvino
+
+        _OPENVINO_CORE = openvino.Core()
+    return _OPENVINO_CORE
 
 
 def _providers(cuda: bool = False) -> list[str]:
