@@ -16,6 +16,14 @@ fails on the next. Tests that compare different computations are marked ``numeri
 runs them a second time with one thread and other chunk sizes (``UNIALIGN_TEST_CHUNK``), so a test
 that holds only for one summation order fails here, not on a user's machine.
 
+Signal stacks
+-------------
+After every test the main thread's alternate signal stack must still be mapped memory
+(``pytest_runtest_teardown`` below). A native library that leaves it pointing at freed memory does not
+fail where it happens: the process dies with a kernel-raised SIGSEGV at the next signal that has a
+handler, tests later, with no traceback (OpenVINO's CPU plugin did this; ``encoders/runtime.py``). The
+check names the test that left it so.
+
 Honest tests
 ------------
 Every assertion could fail; quality is asserted on held-out concepts (never on training data) against
@@ -116,3 +124,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _unmapped_signal_stack() -> str | None:
+    """A description of the calling thread's alternate signal stack when it is not mapped memory (Linux)."""
+    import ctypes
+
+    class stack_t(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+    st = stack_t()
+    if ctypes.CDLL(None).sigaltstack(None, ctypes.byref(st)) != 0 or not st.ss_sp or st.ss_flags & 2:  # 2: SS_DISABLE
+        return None
+    lo, hi = st.ss_sp, st.ss_sp + st.ss_size
+    with open("/proc/self/maps") as f:
+        ranges = [[int(a, 16) for a in line.split()[0].split("-")] for line in f]
+    covered = lo
+    for a, b in sorted(ranges):  # the stack may span adjacent mappings
+        if a <= covered < b:
+            covered = b
+    return None if covered >= hi else f"{st.ss_size} bytes at {lo:#x}"
+
+
+_REPORTED_STACKS: set[str] = set()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Fail the test that left the main thread's signal stack unmapped (module docstring)."""
+    if not os.path.exists("/proc/self/maps"):
+        return
+    bad = _unmapped_signal_stack()
+    if bad and bad not in _REPORTED_STACKS:  # the test that left it, not every test after it
+        _REPORTED_STACKS.add(bad)
+        pytest.fail(f"{item.nodeid} left the main thread's alternate signal stack on unmapped memory ({bad}): "
+                    "the next handled signal would kill the process", pytrace=False)
