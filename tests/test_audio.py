@@ -246,7 +246,6 @@ extract(Dataset.load({ds!r}), load_encoder("logmel", device="cpu"), {out!r}, lay
 """
 
 
-@pytest.mark.slow  # three child interpreters (about 25 s here); the image store's kill test runs in the default tier
 def test_audio_extraction_killed_resumes_byte_identical(tmp_path, one_thread):
     ds = make_audio_dataset(tmp_path / "a", n=8)
     ds.save(tmp_path / "ds")

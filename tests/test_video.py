@@ -301,7 +301,6 @@ extract(Dataset.load({ds!r}), load_encoder("video:tiny-image?frames=3"), {out!r}
 """
 
 
-@pytest.mark.slow  # three child interpreters (torch imports): ~10 s alone, much more on a busy machine
 def test_video_extraction_killed_resumes_byte_identical(tmp_path):
     ds = video_dataset(tmp_path / "clips", n=8)
     ds.save(tmp_path / "ds")
