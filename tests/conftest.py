@@ -38,6 +38,7 @@ the user's feature cache). Skips, with the reason, when the packaged encoders or
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 
@@ -126,14 +127,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+class _StackT(ctypes.Structure):  # struct stack_t of sigaltstack(2)
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
 def _unmapped_signal_stack() -> str | None:
     """A description of the calling thread's alternate signal stack when it is not mapped memory (Linux)."""
-    import ctypes
-
-    class stack_t(ctypes.Structure):
-        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
-
-    st = stack_t()
+    st = _StackT()
     if ctypes.CDLL(None).sigaltstack(None, ctypes.byref(st)) != 0 or not st.ss_sp or st.ss_flags & 2:  # 2: SS_DISABLE
         return None
     lo, hi = st.ss_sp, st.ss_sp + st.ss_size

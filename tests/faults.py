@@ -2,11 +2,16 @@
 generated corpus of bad inputs."""
 from __future__ import annotations
 
+import functools
 import io
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
+import tempfile
+import traceback
+from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any
 
@@ -55,34 +60,27 @@ register_tiny()
 # forked half-initialised. torch._dynamo is imported by the first optimizer a child makes (about 3 s).
 PRELOAD = ["torch", "torch._dynamo", "numpy", "PIL.Image", "pytest", "tiny", "unialign_train.features",
            "unialign_train.align.loop", "unialign_train.data.records", "unialign_serve.index", "unialign.encoders"]
-_CONTEXT: list[Any] = []
 
 
+@functools.cache
 def _forkserver() -> Any:
     """The forkserver context, its server started with ``ENV`` (one OpenMP/MKL thread from the start, as
     the libraries read those variables when they load)."""
-    if not _CONTEXT:
-        import multiprocessing
-        from multiprocessing import forkserver
-
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(PRELOAD)
-        saved = dict(os.environ)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(ENV)
+    try:
+        forkserver.ensure_running()
+    finally:
         os.environ.clear()
-        os.environ.update(ENV)
-        try:
-            forkserver.ensure_running()
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-        _CONTEXT.append(context)
-    return _CONTEXT[0]
+        os.environ.update(saved)
+    return context
 
 
 def _child_main(code: str, env: dict[str, str], errors: str) -> None:
     """In the child: the test's environment, then the script; a traceback goes to ``errors``."""
-    import traceback
-
     os.environ.clear()
     os.environ.update(env)
     try:
@@ -94,8 +92,6 @@ def _child_main(code: str, env: dict[str, str], errors: str) -> None:
 
 def run_child(body: str, kill_at: int = 0, timeout: float = 300) -> int:
     """Run ``KILL_PRELUDE + body`` in a child process; its exit code (-9 when it killed itself)."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         errors = os.path.join(tmp, "traceback.txt")
         child = _forkserver().Process(target=_child_main,

@@ -202,9 +202,8 @@ class _Session:
         threads = torch.get_num_threads()
         if backend == "openvino":
             # f32 precision: on CPUs with bf16 units OpenVINO would otherwise lower the precision itself
-            with _OPENVINO_LOCK:
-                self._compiled = _openvino_core().compile_model(str(path), "CPU", {
-                    "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+            self._compiled = _openvino_compile(path, {"INFERENCE_NUM_THREADS": threads,
+                                                      "INFERENCE_PRECISION_HINT": "f32"})
             self._names = [p.get_any_name() for p in self._compiled.inputs]
         else:
             import onnxruntime as ort
@@ -234,11 +233,11 @@ class _Session:
 
 
 _OPENVINO_LOCK = threading.Lock()
-_OPENVINO_CORE: Any = None
+_OPENVINO_CORE: list[Any] = []  # the process's one openvino.Core, once made
 
 
-def _openvino_core() -> Any:
-    """The process's one ``openvino.Core``, kept until the process exits.
+def _openvino_compile(path: Path, config: dict[str, Any]) -> Any:
+    """``path`` compiled for the CPU by the process's one ``openvino.Core``, kept until the process exits.
 
     Why one, and never dropped: each Core loads its own CPU plugin, and the plugin swaps the calling
     thread's alternate signal stack for a buffer of its own (for the large signal frames of AMX) that
@@ -247,14 +246,13 @@ def _openvino_core() -> Any:
     with a handler (SIGINT, or SIGCHLD once torch's DataLoader has run) kills the process with a
     SIGSEGV the kernel raises when it cannot write the signal frame. One plugin that lives as long as
     the process keeps a valid stack (``tests/test_backends.py`` runs the sequence in a fresh process).
-    Called with ``_OPENVINO_LOCK`` held.
     """
-    global _OPENVINO_CORE
-    if _OPENVINO_CORE is None:
-        import openvino
+    with _OPENVINO_LOCK:
+        if not _OPENVINO_CORE:
+            import openvino
 
-        _OPENVINO_CORE = openvino.Core()
-    return _OPENVINO_CORE
+            _OPENVINO_CORE.append(openvino.Core())
+        return _OPENVINO_CORE[0].compile_model(str(path), "CPU", config)
 
 
 def _providers(cuda: bool = False) -> list[str]:
