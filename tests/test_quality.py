@@ -234,7 +234,92 @@ def test_main_job_chooses_layers_on_validation(tmp_path):
     out = run(cfg, log=lambda s: None)
     model = AlignedModel.from_pretrained(tmp_path / "run" / "model")
     table = model.info["layers_auto"]["image"]
-    assert [r["set"] for r in sorted(table, key=lambda r: r["set"])] == ["last-1", "last-2", "last-3", "last-4", "last-6"]
+    assert [r["set"] for r in sorted(table, key=lambda r: r["set"])] == ["last-1", "last-2", "last-3", "last-4", "last-6", "last-8"]
     assert model.layers["image"] == table[0]["layers"] and table[0]["score"] == max(r["score"] for r in table)
     zs = next(r for r in out["records"] if r["task"] == "zeroshot_classification")
     assert zs["metrics"]["acc1"] >= 10 * zs["chance"]["acc1"]
+
+
+def _loud_noise_pairs(n_concepts: int = 120, per: int = 3, seed: int = 0):
+    """Planted pairs: images have an informative 8-d layer "final" (the concept's text direction plus
+    a little noise) and a 64-d layer "hidden" of pure noise 40 times louder; texts are the concept's
+    direction in their own 6-d space. Concepts 0..79 fit, 80..119 are held out."""
+    from unialign_train.align.pairs import Pairs
+    from unialign_train.features import Features
+
+    rng = np.random.default_rng(seed)
+    topic = rng.standard_normal((n_concepts, 6))
+    mix = rng.standard_normal((6, 8))
+    concept = np.repeat(np.arange(n_concepts), per)
+    final = (topic[concept] @ mix + 0.3 * rng.standard_normal((len(concept), 8))).astype(np.float32)
+    hidden = (40 * rng.standard_normal((len(concept), 64))).astype(np.float32)
+    text = topic.astype(np.float32)
+    fit_rows = np.flatnonzero(concept < 80)
+    pairs = Pairs.from_lists(fit_rows.tolist(), [[int(concept[i])] for i in fit_rows], concept[fit_rows].tolist())
+    held = np.flatnonzero(concept >= 80)
+    return Features([hidden, final], ["hidden", "final"]), Features([text], ["final"]), pairs, held, concept
+
+
+def _held_out_acc1(fitted, img, txt, held, concept) -> float:
+    with torch.no_grad():
+        q = fitted.projections["image"](torch.from_numpy(img[held]))
+        classes = np.unique(concept[held])
+        c = fitted.projections["text"](torch.from_numpy(txt[classes]))
+    pred = classes[(torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(c, dim=-1).T).argmax(1).numpy()]
+    return float((pred == concept[held]).mean())
+
+
+def test_layer_weights_balance_layers_so_a_loud_noise_layer_no_longer_drowns_the_signal() -> None:
+    """Raw concatenation lets a loud noise layer decide every cosine (near chance on held-out concepts);
+    balanced layers with the informative one weighted up recover it. The scales are weight / mean centred
+    norm of each layer over the *training* rows, the model is LayerScale -> the aligner's map, and a
+    one-layer modality is left as it was."""
+    from unialign.projections import Chain, LayerScale
+    from unialign_train.align import fit, get_recipe
+
+    img, txt, pairs, held, concept = _loud_noise_pairs()
+    recipe = get_recipe("asif")
+    raw = fit(recipe, {"k": 20, "p": 2.0}, img, txt, pairs, ("image", "text"), device="cpu", log=lambda *_: None)
+    bal = fit(recipe, {"k": 20, "p": 2.0}, img, txt, pairs, ("image", "text"), device="cpu", log=lambda *_: None,
+              layer_weights={"final": 4.0, "absent": 9.0})
+    chance = 1 / 40
+    assert _held_out_acc1(raw, img, txt, held, concept) < 4 * chance
+    assert _held_out_acc1(bal, img, txt, held, concept) > 0.5
+    chain = bal.projections["image"]
+    assert isinstance(chain, Chain) and isinstance(chain.parts[0], LayerScale)
+    assert not isinstance(bal.projections["text"], Chain)  # one layer: nothing to balance
+    rows = np.unique(pairs.x_flat)
+    norms = [np.linalg.norm(a[rows] - a[rows].mean(0), axis=1).mean() for a in img.arrays]
+    np.testing.assert_allclose(chain.parts[0].scale.numpy(), [1.0 / norms[0], 4.0 / norms[1]], rtol=1e-5)
+    assert bal.info["layer_scales"]["image"].keys() == {"hidden", "final"}
+
+
+def test_layer_scale_round_trips_and_rejects_a_layer_that_does_not_vary() -> None:
+    from unialign.errors import DataError
+    from unialign_train.align import fit, get_recipe
+    from unialign_train.align.layer_weights import fit_layer_scale
+    from unialign_train.features import Features
+
+    img, txt, pairs, held, _ = _loud_noise_pairs()
+    fitted = fit(get_recipe("unialign"), {"k": 20, "nuisance_rank": 2}, img, txt, pairs, ("image", "text"),
+                 device="cpu", log=lambda *_: None, layer_weights={"final": 2.0})
+    chain = fitted.projections["image"]
+    again = build_projection(projection_config(chain))
+    again.load_state_dict(chain.state_dict())
+    x = torch.from_numpy(img[held])
+    with torch.no_grad():  # the same module tree and state: bit-identical
+        assert torch.equal(again(x), chain(x))
+    flat = Features([img.arrays[1], np.ones((len(img), 3), np.float32)], ["final", "constant"])
+    with pytest.raises(DataError, match="'constant'.*do not vary"):
+        fit_layer_scale(flat, np.arange(10), {})
+    assert fit_layer_scale(Features([img.arrays[1]], ["final"]), np.arange(10), {"final": 2.0}) is None
+
+
+def test_layer_weights_config_defaults_validates_and_switches_off() -> None:
+    from unialign_train.config import load_config
+
+    assert load_config().layer_weights == {"final": 2.0}
+    assert load_config(overrides={"layer_weights": None}).layer_weights is None
+    assert load_config(overrides={"layer_weights": {}}).layer_weights == {}
+    with pytest.raises(ConfigError, match="layer_weights"):
+        load_config(overrides={"layer_weights.final": -1})

@@ -15,7 +15,7 @@ run's usual one, on all training records.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -56,10 +56,12 @@ def validation_folds(cached: Cached, splits: Splits) -> list[tuple[str, np.ndarr
 def choose_layers(cached: Cached, splits: Splits, recipe_name: str, overrides: dict[str, Any] | None,
                   align: Sequence[str], modality: str, text_encoder: Any, text_layers: Sequence[str],
                   templates: str | Sequence[str], device: str = "cpu", log: Log = print,
-                  sets: Sequence[str] = AUTO_SETS) -> tuple[list[str], list[dict[str, Any]]]:
+                  sets: Sequence[str] = AUTO_SETS, layer_weights: Mapping[str, float] | None = None
+                  ) -> tuple[list[str], list[dict[str, Any]]]:
     """The best candidate layer set of ``modality`` (whose candidate store ``cached`` holds) and the
     table of every set's validation scores, best first. ``align`` names the two modalities; one of
-    them must be text (the score is zero-shot classification of the other one)."""
+    them must be text (the score is zero-shot classification of the other one). Each set is fitted
+    as the run will fit it (``layer_weights`` included)."""
     x, y = align
     if "text" not in align or x == y:
         raise ValueError(f"layers auto scores zero-shot classification, which needs text among {list(align)}")
@@ -81,7 +83,8 @@ def choose_layers(cached: Cached, splits: Splits, recipe_name: str, overrides: d
                 pairs = make_pairs(cached, train, x, y)
                 torch.manual_seed(0)
                 fitted = fit(recipe, overrides, cached[x].features, cached[y].features, pairs, align,
-                             validate if recipe.trained else None, None, device, lambda *_: None)
+                             validate if recipe.trained else None, None, device, lambda *_: None,
+                             layer_weights=layer_weights)
                 scores.append(validate(torch.nn.ModuleDict(fitted.projections)))
         finally:
             cached.modalities[modality] = full

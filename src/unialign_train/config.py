@@ -9,9 +9,10 @@ recipes, heads, losses and templates. Every error names the dotted field and wha
 (``train.lr: Input should be greater than 0 (got -1)``), in one line, before any data or model is loaded.
 
 Sections: ``align`` (the two modalities to align), ``data`` (:class:`DataConfig`), ``encoders`` (a spec
-per modality), ``layers`` (per modality; ``[final]`` when absent), ``extract`` (:class:`ExtractConfig`),
-``recipe`` + ``train`` (the recipe's settings to override: loop hyper-parameters of a trained recipe,
-aligner parameters of a closed-form one), ``eval`` (:class:`EvalConfig`).
+per modality), ``layers`` (per modality; ``[final]`` when absent), ``layer_weights`` (how several layers
+are joined), ``extract`` (:class:`ExtractConfig`), ``recipe`` + ``train`` (the recipe's settings to
+override: loop hyper-parameters of a trained recipe, aligner parameters of a closed-form one), ``eval``
+(:class:`EvalConfig`).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator, model_validator
 
 from unialign.encoders.base import FINAL, MODALITIES
 from unialign.errors import ConfigError
@@ -49,6 +50,9 @@ class RunConfig(BaseModel):
     data: DataConfig
     encoders: dict[str, str]
     layers: dict[str, list[str]]
+    # several layers of one modality: each balanced to the same mean centred norm, then these weights
+    # (by layer name, others 1); None: raw concatenation (align/layer_weights.py)
+    layer_weights: dict[str, PositiveFloat] | None = None
     extract: ExtractConfig
     train: dict[str, Any]
     eval: EvalConfig

@@ -268,9 +268,10 @@ def reasons(info: dict[str, Any]) -> list[str]:
             out.append(f"the image encoder `{spec}` (unialign's transform, backbone and pooling)")
         if "Projection" in info["routes"][m]:
             kind = info["projections"][m]["type"]
-            what = {"anchors": "ASIF anchor map", "linear_map": "linear map", "head": "trained head"}[kind]
-            out.append(f"the {m} projection ({what}" + (", text layers mixed" if info["layers"][m] != ["final"] else "")
-                       + ")")
+            what = {"anchors": "ASIF anchor map", "linear_map": "linear map", "head": "trained head",
+                    "layer_scale": "layer scales", "chain": "a chain of maps", "concat": "fused maps"}.get(kind, kind)
+            n_layers = len(info["layers"][m])
+            out.append(f"the {m} projection ({what}" + (f", {n_layers} layers joined" if n_layers > 1 else "") + ")")
     if len(info["modalities"]) > 1:
         out.append("the router that also takes batches mixing images and strings")
     return out

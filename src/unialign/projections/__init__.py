@@ -12,11 +12,11 @@ from torch import nn
 
 from ..errors import UnialignError
 from .heads import HEADS, LayerMixHead, Standardize, TemporalHead, Tower, count_parameters, make_head
-from .maps import AnchorMap, LinearMap
+from .maps import AnchorMap, LayerScale, LinearMap
 
 from ..standalone.compose import Chain, WeightedConcat
 
-PROJECTIONS: dict[str, type[nn.Module]] = {"head": Tower, "linear_map": LinearMap, "anchors": AnchorMap,
+PROJECTIONS: dict[str, type[nn.Module]] = {"head": Tower, "linear_map": LinearMap, "anchors": AnchorMap, "layer_scale": LayerScale,
                                            "chain": Chain, "concat": WeightedConcat}
 
 
@@ -40,5 +40,5 @@ def build_projection(config: dict[str, Any]) -> nn.Module:
         raise UnialignError(f"projection config {config!r} is invalid ({e})") from None
 
 
-__all__ = ["HEADS", "PROJECTIONS", "AnchorMap", "Chain", "WeightedConcat", "LayerMixHead", "LinearMap", "Standardize", "TemporalHead", "Tower",
+__all__ = ["HEADS", "PROJECTIONS", "AnchorMap", "Chain", "WeightedConcat", "LayerMixHead", "LayerScale", "LinearMap", "Standardize", "TemporalHead", "Tower",
            "build_projection", "count_parameters", "make_head", "projection_config"]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .heads import Tower
-from .maps import AnchorMap, LinearMap
+from .maps import AnchorMap, LayerScale, LinearMap
 
 
 def build_part(config: dict[str, Any]) -> nn.Module:
@@ -112,7 +112,7 @@ class WeightedConcat(_Composite):
 
 def projection_types() -> dict[str, type[nn.Module]]:
     """Every projection type by its ``kind_of_projection``, the composite ones included."""
-    return {c.kind_of_projection: c for c in (Tower, LinearMap, AnchorMap, Chain, WeightedConcat)}
+    return {c.kind_of_projection: c for c in (Tower, LinearMap, AnchorMap, LayerScale, Chain, WeightedConcat)}
 
 
 __all__ = ["Chain", "WeightedConcat", "build_part", "part_config", "projection_types"]

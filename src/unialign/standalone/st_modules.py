@@ -35,7 +35,7 @@ from .compose import projection_types
 from .imaging import ImageTransform, open_image
 from .pooling import effnet_features, final_norm, layer_features, pool_hidden_states
 
-PROJECTIONS: dict[str, type[torch.nn.Module]] = projection_types()  # Tower, LinearMap, AnchorMap, Chain, WeightedConcat
+PROJECTIONS: dict[str, type[torch.nn.Module]] = projection_types()  # Tower, LinearMap, AnchorMap, LayerScale, Chain, WeightedConcat
 HUB_KEYS = ("token", "cache_folder", "revision", "local_files_only")
 FILE_MODULE = __name__.rsplit(".", 1)[-1]  # "st_modules", however the file was imported
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from torch import nn
 
+from unialign.projections import Chain
+
 from ..features.cache import Features
 from .closed_form import make_closed_form
 from .hybrid import fit_hybrid
+from .layer_weights import apply_scale, fit_layer_scale
 from .loop import TrainResult, train
 from .pairs import Pairs
 from .prototypes import prototype_pairs
@@ -35,12 +38,19 @@ class Fitted:
 def fit(recipe: Recipe, overrides: dict[str, Any] | None, x: Features, y: Features, pairs: Pairs,
         names: Sequence[str], validate: Callable[[Any], dict[str, float]] | None = None,
         checkpoint: str | Path | None = None, device: str = "auto", log: Log = print,
-        unpaired: tuple[np.ndarray, np.ndarray] | None = None) -> Fitted:
+        unpaired: tuple[np.ndarray, np.ndarray] | None = None,
+        layer_weights: Mapping[str, float] | None = None) -> Fitted:
     """Fit ``recipe`` (with the user's ``overrides`` of its settings) on ``pairs`` of features ``x`` and
     ``y``, the modalities ``names``. ``validate`` (trained recipes) drives early stopping; ``checkpoint``
     is the file a trained run resumes from; ``unpaired`` (x rows, y rows) are features without pairs that
-    a recipe with an ``unpaired`` block learns from (unpaired.py), others ignore them."""
+    a recipe with an ``unpaired`` block learns from (unpaired.py), others ignore them. ``layer_weights``
+    (by layer name): a closed-form recipe sees a modality's several layers balanced and weighted
+    (layer_weights.py); None joins them as they come."""
     a, b = names
+    plain_closed_form = recipe.closed_form is not None and recipe.anchor_input is None and recipe.fuse is None \
+        and recipe.unpaired is None
+    if layer_weights is not None and not plain_closed_form and max(len(x.arrays), len(y.arrays)) > 1:
+        log(f"layer_weights apply to plain closed-form recipes; {recipe.name} joins its layers as they come")
     if recipe.anchor_input is not None or recipe.fuse is not None:  # hybrids build on this function
         return fit_hybrid(recipe, overrides, x, y, pairs, names, validate, checkpoint, device, log, fit, get_recipe)
     if recipe.unpaired is not None:
@@ -58,16 +68,24 @@ def fit(recipe: Recipe, overrides: dict[str, Any] | None, x: Features, y: Featur
     t0 = time.perf_counter()
     aligner = make_closed_form(recipe.closed_form, **params)
     xr, yr, groups = pairs.all_pairs()  # one anchor per (x item, y item) combination of a record
-    aligner.fit(x[xr], y[yr], groups=groups)
+    scales = {n: fit_layer_scale(f, np.unique(r), layer_weights) if layer_weights is not None else None
+              for n, f, r in ((a, x, xr), (b, y, yr))}
+    aligner.fit(apply_scale(scales[a], x[xr]), apply_scale(scales[b], y[yr]), groups=groups)
     info: dict[str, Any] = {"recipe": recipe.name, "params": params, "train_seconds": time.perf_counter() - t0,
                             "n_pairs": len(xr)}
+    for n, f in ((a, x), (b, y)):
+        if scales[n] is not None:
+            info.setdefault("layer_scales", {})[n] = dict(zip(f.names, scales[n].scale.tolist()))
+            named = ", ".join(f"{k} x{v:g}" for k, v in layer_weights.items() if k in f.names)
+            log(f"{n}: {len(f.names)} layers balanced to one mean centred norm" + (f", then {named}" if named else ""))
     removed = getattr(aligner, "removed_rank", 0)
     if removed:
         info["nuisance_directions_removed"] = removed
     log(f"fitted {recipe.closed_form} on {len(xr)} pairs in {info['train_seconds']:.2f}s"
         + (f" ({removed} within-concept {a} directions removed)" if removed else ""))
     mx, my = aligner.projections_
-    return Fitted({a: mx, b: my}, CLOSED_FORM_LOGIT_SCALE, info)
+    chained = {n: m if scales[n] is None else Chain([scales[n], m]) for n, m in ((a, mx), (b, my))}
+    return Fitted(chained, CLOSED_FORM_LOGIT_SCALE, info)
 
 
 __all__ = ["CLOSED_FORM_LOGIT_SCALE", "Fitted", "fit"]

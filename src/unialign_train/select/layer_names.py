@@ -16,7 +16,7 @@ from unialign.errors import ConfigError
 AUTO = "auto"
 _LAST = re.compile(r"^last-(\d+)$")
 AUTO_DEPTH = 9  # candidate layers ``auto`` extracts: the embedding and the 8 deepest intermediate layers
-AUTO_SETS = ("last-1", "last-2", "last-3", "last-4", "last-6")  # nested candidate sets ``auto`` compares
+AUTO_SETS = ("last-1", "last-2", "last-3", "last-4", "last-6", "last-8")  # nested candidate sets ``auto`` compares
 
 
 def depth_order(encoder: Any) -> list[str]:

