@@ -32,6 +32,7 @@ import torch
 from _common import command, markdown, write
 from recipes import Bench, quiet
 from tune_unialign import STYLES
+from unialign_train.config import load_config
 from unialign_train.evaluate import zero_shot_predictions
 from unialign_train.evaluate.hubness import corrected_scores
 from unialign_train.evaluate.metrics import ranking_scores
@@ -49,7 +50,9 @@ class LayerBench(Bench):
         self.size = size
         self.max_train_concepts = low  # the low-data regime: a seeded draw of this many training concepts
         enc = f"effnet-lite0?image_size={size}"
-        base = {"encoders.image": enc, "layers.image": self._candidates(enc)}
+        # the default job's layer weights (the recipe table's PROTOCOL pins raw concatenation)
+        base = {"encoders.image": enc, "layers.image": self._candidates(enc),
+                "layer_weights": load_config().layer_weights}
         if text:
             base["encoders.text"] = text
         if text_layers != "final":
@@ -63,7 +66,6 @@ class LayerBench(Bench):
 
     @staticmethod
     def _default_text() -> str:
-        from unialign_train.config import load_config
         return load_config().encoders["text"]
 
     def _candidates(self, spec: str) -> list[str]:

@@ -51,8 +51,9 @@ TRANSDUCTIVE = "@transductive"  # row suffix: the recipe's unpaired data are the
 REGIMES = {"full": None, "low": 200}
 # The recipe table's features, pinned here rather than read from default.yaml: every row of every run
 # compares recipes on the same features even when the default job's image size or layers change
-# (the default job itself, with its own size and layers, is scored by quality_default.py).
-PROTOCOL = {"encoders.image": "effnet-lite0?image_size=128", "layers.image": ["final"]}
+# (the default job itself, with its own size, layers and layer weights, is scored by quality_default.py).
+# Several layers (--image-layers) are concatenated as they come, as when their rows were measured.
+PROTOCOL = {"encoders.image": "effnet-lite0?image_size=128", "layers.image": ["final"], "layer_weights": None}
 quiet = lambda *_: None  # noqa: E731
 
 
