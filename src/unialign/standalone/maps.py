@@ -149,6 +149,8 @@ class LayerScale(nn.Module):
             raise ValueError(f"layer widths must be positive, got {dims}")
         self.dims = [int(d) for d in dims]
         self.register_buffer("scale", torch.ones(len(self.dims)))
+        # each layer's width, to spread the per-layer scales over its columns (derived, so not saved)
+        self.register_buffer("widths", torch.tensor(self.dims), persistent=False)
 
     @property
     def in_dim(self) -> int:
@@ -159,8 +161,7 @@ class LayerScale(nn.Module):
         return sum(self.dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        per_dim = torch.repeat_interleave(self.scale, torch.tensor(self.dims, device=self.scale.device))
-        return x.float() * per_dim
+        return x.float() * torch.repeat_interleave(self.scale, self.widths)
 
     def config(self) -> dict[str, Any]:
         return {"dims": list(self.dims)}
