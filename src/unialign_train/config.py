@@ -2,10 +2,10 @@
 
 The built-in default is the data file ``configs/default.yaml`` inside this package (the emoji job). A
 user's YAML or TOML file is merged onto it field by field (mappings merge key by key, ``{}`` empties a
-mapping, a ``null`` value inside one such as ``eval.zero_shot_sets`` removes that key), then ``--set
-a.b=value`` overrides,
-then everything is validated: types, ranges and choices from the registries of encoders' modalities,
-recipes, heads, losses and templates. Every error names the dotted field and what it accepts
+mapping, a ``null`` value inside one such as ``eval.zero_shot_sets`` removes that key; ``layer_weights``
+is one value, which a file replaces whole), then ``--set a.b=value`` overrides, then everything is
+validated: types, ranges and choices from the registries of encoders' modalities, recipes, heads, losses
+and templates. Every error names the dotted field and what it accepts
 (``train.lr: Input should be greater than 0 (got -1)``), in one line, before any data or model is loaded.
 
 Sections: ``align`` (the two modalities to align), ``data`` (:class:`DataConfig`), ``encoders`` (a spec
@@ -127,11 +127,18 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Top-level fields a user's file replaces instead of merging into: a file's ``layer_weights: {block15: 3}``
+# means exactly those weights, not those added to the default's ``{final: 2}``.
+WHOLE = ("layer_weights",)
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """The packaged default, then the YAML/TOML file at ``path``, then dotted ``overrides``, validated."""
     raw = read_config_file(DEFAULT_CONFIG)
     if path is not None:
-        raw = merge(raw, read_config_file(path))
+        user = read_config_file(path)
+        raw = merge(raw, user)
+        raw.update({k: copy.deepcopy(user[k]) for k in WHOLE if k in user})
     for dotted, value in (overrides or {}).items():
         if not re.fullmatch(r"[A-Za-z_][\w-]*(\.[\w-]+)*", dotted):
             raise ConfigError(f"--set {dotted}: not a dotted field name such as train.lr")

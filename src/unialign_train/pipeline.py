@@ -15,7 +15,7 @@ from unialign.io import write_json, write_text
 from unialign.model import AlignedModel
 from unialign.results import markdown_table, write_results
 
-from .align import fit, get_recipe, make_pairs
+from .align import check_weight_names, fit, get_recipe, make_pairs
 from .choose import choose_layers, with_layers
 from .config import RunConfig, to_dict
 from .data import Splits, heldout_name, load_dataset, make_splits
@@ -37,6 +37,7 @@ def train_model(cfg: RunConfig, log: Log = print) -> tuple[AlignedModel, Cached,
     for m, enc in encoders.items():  # names such as last-4 become the encoder's own; auto: the candidates
         layers[m] = auto_candidates(enc) if m in auto else resolve_layer_names(enc, layers[m])
         enc.check_layers(layers[m])
+    check_weight_names(cfg.layer_weights, encoders)
     cached = cache_features(ds, encoders, layers, cfg.extract, log)
     splits = make_splits(ds, cfg.data)
     chosen = {}

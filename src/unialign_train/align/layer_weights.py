@@ -13,12 +13,12 @@ per-layer constant.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from unialign.errors import DataError
+from unialign.errors import ConfigError, DataError
 from unialign.projections import LayerScale
 
 from ..features.cache import Features
@@ -45,10 +45,22 @@ def fit_layer_scale(feats: Features, rows: np.ndarray, weights: Mapping[str, flo
     return module
 
 
+def check_weight_names(weights: Mapping[str, float] | None, encoders: Mapping[str, Any]) -> None:
+    """Every name in ``layer_weights`` must be a layer of one of the run's ``encoders``: a weight for a layer
+    the run did not select is fine (``{final: 2}`` serves any layer set), a misspelt one is an error
+    before any feature is extracted."""
+    known = {n for enc in encoders.values() for n in enc.layer_dims}
+    unknown = sorted(set(weights or {}) - known)
+    if unknown:
+        have = "; ".join(f"{enc.spec}: {', '.join(enc.layer_dims)}" for enc in encoders.values())
+        raise ConfigError(f"layer_weights: {', '.join(map(repr, unknown))} is not a layer of any encoder of this run "
+                          f"({have})")
+
+
 @torch.no_grad()
 def apply_scale(module: LayerScale | None, x: np.ndarray) -> np.ndarray:
     """``x`` through ``module`` (the same float32 multiply a saved model does), or ``x`` itself."""
     return x if module is None else module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
 
 
-__all__ = ["apply_scale", "fit_layer_scale"]
+__all__ = ["apply_scale", "check_weight_names", "fit_layer_scale"]
