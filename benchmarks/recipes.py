@@ -36,9 +36,9 @@ from _common import command
 from unialign.encoders import load_encoder
 from unialign.encoders.base import Encoder
 from unialign.model import AlignedModel
-from unialign_train.align import fit, get_recipe, make_pairs
+from unialign_train.align import fit, get_recipe, make_pairs, unpaired_rows
 from unialign_train.config import RunConfig, load_config
-from unialign_train.data import Splits, load_dataset, make_splits
+from unialign_train.data import Splits, load_dataset, make_splits, unpaired_training
 from unialign_train.evaluate import classification, evaluate_split, validator, zero_shot_set
 from unialign_train.features import Cached, Features, cache_features
 
@@ -116,13 +116,8 @@ class Bench:
     def unpaired_rows(self, cfg: RunConfig, splits: Splits, transductive: bool) -> tuple[np.ndarray, np.ndarray]:
         """Image and text rows without their pairing: the training concepts a low-data run leaves out
         (none on the full training set), or, ``transductive``, the test images and test concepts' captions."""
-        if transductive:
-            recs = splits.test
-        else:
-            full = make_splits(self.ds, cfg.data.model_copy(update={"max_train_concepts": None}))
-            recs = np.setdiff1d(full.train, splits.train)
-        rows = lambda m: np.unique(np.concatenate([self.cached[m].rows(int(i)) for i in recs] or [np.zeros(0, np.int64)]))  # noqa: E731
-        return rows("image").astype(np.int64), rows("text").astype(np.int64)
+        recs = splits.test if transductive else unpaired_training(self.ds, cfg.data, splits)
+        return unpaired_rows(self.cached, recs, "image", "text")
 
     def fit(self, cfg: RunConfig, seed: int = 0, transductive: bool = False
             ) -> tuple[AlignedModel, Splits, dict[str, Any], Any]:

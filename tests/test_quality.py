@@ -294,6 +294,30 @@ def test_layer_weights_balance_layers_so_a_loud_noise_layer_no_longer_drowns_the
     assert bal.info["layer_scales"]["image"].keys() == {"hidden", "final"}
 
 
+def test_layer_weights_reach_the_closed_form_parts_of_unpaired_and_hybrid_recipes() -> None:
+    """The semi-supervised recipe's map and the anchor head's closed-form inputs see balanced layers too:
+    with the loud noise layer the unpaired recipe is near chance raw and well above it balanced, and the
+    anchor head's image projection starts with the fitted LayerScale (so a saved model applies it)."""
+    from unialign.projections import LayerScale
+    from unialign_train.align import fit, get_recipe
+
+    img, txt, pairs, held, concept = _loud_noise_pairs()
+    quiet = lambda *_: None  # noqa: E731
+    rows = (np.unique(pairs.x_flat)[::2], np.unique(pairs.y_flat))  # unpaired: half the training images, all texts
+    recipe = get_recipe("unialign-unpaired")
+    ov = {"k": 20, "nuisance_rank": 2}
+    raw = fit(recipe, ov, img, txt, pairs, ("image", "text"), device="cpu", log=quiet, unpaired=rows)
+    bal = fit(recipe, ov, img, txt, pairs, ("image", "text"), device="cpu", log=quiet, unpaired=rows,
+              layer_weights={"final": 2.0})
+    assert _held_out_acc1(raw, img, txt, held, concept) < 4 / 40
+    assert _held_out_acc1(bal, img, txt, held, concept) > 0.5
+    head = fit(get_recipe("anchor-head"), {"epochs": 1, "batch_size": 64}, img, txt, pairs, ("image", "text"),
+               device="cpu", log=quiet, layer_weights={"final": 2.0})
+    first = head.projections["image"].parts[0]  # Chain([closed-form map, trained head])
+    assert isinstance(first.parts[0], LayerScale)
+    assert not any(isinstance(m, LayerScale) for m in head.projections["text"].modules())  # one text layer
+
+
 def test_layer_scale_round_trips_and_rejects_a_layer_that_does_not_vary() -> None:
     from unialign.errors import DataError
     from unialign_train.align import fit, get_recipe

@@ -216,3 +216,36 @@ def test_fused_anchor_head_model_saves_and_loads_bit_identically(real_emoji_feat
     images = [r.dataset.path(int(i)) for i in r.heldout[:4]]
     np.testing.assert_array_equal(loaded.encode(prompts, "text"), model.encode(prompts, "text"))
     np.testing.assert_array_equal(loaded.encode(images, "image"), model.encode(images, "image"))
+
+
+def test_the_main_job_gives_a_low_data_run_its_left_out_training_records_as_unpaired_data(tmp_path, monkeypatch):
+    """``recipe: unialign-unpaired`` in ``unialign run``: the training records ``data.max_train_concepts``
+    leaves out become unpaired rows (never a validation or test record); without the cut there are none
+    and the recipe is its teacher."""
+    from tiny import make_image_dataset, register_tiny
+    from unialign_train.config import load_config
+    from unialign_train.data import Dataset, load_dataset, make_splits, unpaired_training
+    from unialign_train.pipeline import train_model
+
+    register_tiny()
+    monkeypatch.setenv("UNIALIGN_HOME", str(tmp_path / "home"))
+    base = make_image_dataset(tmp_path / "imgs", n=80)
+    recs = [{**r, "concept": f"c{i % 20}", "label": f"thing {i % 20}", "text": [f"thing {i % 20}", f"a {i % 20}"]}
+            for i, r in enumerate(base.records)]
+    Dataset("tiny20", recs, base.root).save(tmp_path / "ds")
+    over = {"data.dataset": str(tmp_path / "ds"), "encoders.image": "tiny-image", "encoders.text": "tiny-text",
+            "layers.image": ["final"], "extract.num_workers": 0, "device": "cpu", "output": str(tmp_path / "run"),
+            "recipe": "unialign-unpaired", "train.k": 8, "train.nuisance_rank": 1, "data.train_styles": None,
+            "data.test_styles": None}
+    lines: list[str] = []
+    cfg = load_config(overrides={**over, "data.max_train_concepts": 4})
+    model, cached, splits = train_model(cfg, log=lines.append)
+    left = unpaired_training(load_dataset(str(tmp_path / "ds")), cfg.data, splits)
+    assert len(left) > 0 and not set(left.tolist()) & set(splits.train.tolist())
+    assert not set(left.tolist()) & (set(splits.val.tolist()) | set(splits.test.tolist()))
+    assert model.info["n_unpaired"] == [len(left), len({t for i in left for t in recs[int(i)]["text"]})]
+    assert any(f"{len(left)} training records left unpaired" in s for s in lines)
+    full = load_config(overrides=over)
+    model, _, splits = train_model(full, log=lines.append)
+    assert len(unpaired_training(load_dataset(str(tmp_path / "ds")), full.data, splits)) == 0
+    assert model.info["pseudo_pairs"] == 0

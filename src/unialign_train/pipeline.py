@@ -15,10 +15,10 @@ from unialign.io import write_json, write_text
 from unialign.model import AlignedModel
 from unialign.results import markdown_table, write_results
 
-from .align import check_weight_names, fit, get_recipe, make_pairs
+from .align import check_weight_names, fit, get_recipe, make_pairs, unpaired_rows
 from .choose import choose_layers, with_layers
 from .config import RunConfig, to_dict
-from .data import Splits, heldout_name, load_dataset, make_splits
+from .data import Splits, heldout_name, load_dataset, make_splits, unpaired_training
 from .evaluate import classification, evaluate_split, validator, zero_shot_sets
 from .features import Cached, cache_features
 from .select import AUTO, auto_candidates, resolve_layer_names
@@ -54,10 +54,16 @@ def train_model(cfg: RunConfig, log: Log = print) -> tuple[AlignedModel, Cached,
     if recipe.trained and "text" in cfg.align:  # early stopping on zero-shot accuracy among validation concepts
         query = x if y == "text" else y
         validate = validator(cached, encoders["text"], layers["text"], splits.val, query, cfg.eval.templates)
+    unpaired = None
+    if recipe.unpaired is not None:  # semi-supervised: the training records this run does not pair
+        left = unpaired_training(ds, cfg.data, splits)
+        unpaired = unpaired_rows(cached, left, x, y)
+        log(f"{recipe.name}: {len(left)} training records left unpaired (data.max_train_concepts, data.subset) give "
+            f"{len(unpaired[0])} {x} and {len(unpaired[1])} {y} rows without their pairing")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     fitted = fit(recipe, cfg.train, cached[x].features, cached[y].features, pairs, cfg.align, validate,
-                 out / "checkpoint.pt", cfg.device, log, layer_weights=cfg.layer_weights)
+                 out / "checkpoint.pt", cfg.device, log, unpaired=unpaired, layer_weights=cfg.layer_weights)
     info = {**fitted.info, "dataset": ds.name, "dataset_fingerprint": ds.fingerprint(), "config": to_dict(cfg)}
     if chosen:
         info["layers_auto"] = chosen

@@ -7,7 +7,8 @@ from .loop import TrainConfig, TrainResult, train
 from .losses import LOSSES, make_loss
 from .pairs import Pairs, make_pairs
 from .recipes import RECIPES, Recipe, get_recipe, train_config
+from .unpaired import unpaired_rows
 
 __all__ = ["CLOSED_FORM", "ClosedFormAligner", "Fitted", "LOSSES", "Pairs", "RECIPES", "Recipe", "TrainConfig",
            "TrainResult", "check_weight_names", "fit", "get_recipe", "make_closed_form", "make_loss", "make_pairs",
-           "train", "train_config"]
+           "train", "train_config", "unpaired_rows"]

@@ -10,12 +10,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from torch import nn
 
-from unialign.projections import Chain
-
 from ..features.cache import Features
 from .closed_form import make_closed_form
 from .hybrid import fit_hybrid
-from .layer_weights import apply_scale, fit_layer_scale
+from .layer_weights import fit_balanced
 from .loop import TrainResult, train
 from .pairs import Pairs
 from .prototypes import prototype_pairs
@@ -44,18 +42,18 @@ def fit(recipe: Recipe, overrides: dict[str, Any] | None, x: Features, y: Featur
     ``y``, the modalities ``names``. ``validate`` (trained recipes) drives early stopping; ``checkpoint``
     is the file a trained run resumes from; ``unpaired`` (x rows, y rows) are features without pairs that
     a recipe with an ``unpaired`` block learns from (unpaired.py), others ignore them. ``layer_weights``
-    (by layer name): a closed-form recipe sees a modality's several layers balanced and weighted
-    (layer_weights.py); None joins them as they come."""
+    (by layer name): every closed-form map (a closed-form recipe, the closed-form part of a hybrid or
+    unpaired one) sees a modality's several layers balanced and weighted (layer_weights.py); None joins
+    them as they come."""
     a, b = names
-    plain_closed_form = recipe.closed_form is not None and recipe.anchor_input is None and recipe.fuse is None \
-        and recipe.unpaired is None
-    if layer_weights is not None and not plain_closed_form and max(len(x.arrays), len(y.arrays)) > 1:
-        log(f"layer_weights apply to plain closed-form recipes; {recipe.name} joins its layers as they come")
     if recipe.anchor_input is not None or recipe.fuse is not None:  # hybrids build on this function
-        return fit_hybrid(recipe, overrides, x, y, pairs, names, validate, checkpoint, device, log, fit, get_recipe)
+        return fit_hybrid(recipe, overrides, x, y, pairs, names, validate, checkpoint, device, log, fit, get_recipe,
+                          layer_weights)
     if recipe.unpaired is not None:
-        return fit_unpaired(recipe, overrides, x, y, pairs, names, unpaired, device, log, fit)
+        return fit_unpaired(recipe, overrides, x, y, pairs, names, unpaired, device, log, fit, layer_weights)
     if recipe.trained:
+        if layer_weights is not None and max(len(x.arrays), len(y.arrays)) > 1:
+            log(f"layer_weights apply to closed-form maps; {recipe.name}'s heads see the layers as they come")
         tcfg = train_config(recipe, overrides, device=device)
         if tcfg.prototypes:  # one pair per concept: its mean first-modality item with each of its captions
             x, pairs = prototype_pairs(x, pairs)
@@ -67,12 +65,10 @@ def fit(recipe: Recipe, overrides: dict[str, Any] | None, x: Features, y: Featur
     params = closed_form_params(recipe, overrides)
     t0 = time.perf_counter()
     aligner = make_closed_form(recipe.closed_form, **params)
-    xr, yr, groups = pairs.all_pairs()  # one anchor per (x item, y item) combination of a record
-    scales = {n: fit_layer_scale(f, np.unique(r), layer_weights) if layer_weights is not None else None
-              for n, f, r in ((a, x, xr), (b, y, yr))}
-    aligner.fit(apply_scale(scales[a], x[xr]), apply_scale(scales[b], y[yr]), groups=groups)
+    maps, by_side, n_pairs = fit_balanced(aligner, x, y, pairs, layer_weights)
+    scales = {a: by_side["x"], b: by_side["y"]}
     info: dict[str, Any] = {"recipe": recipe.name, "params": params, "train_seconds": time.perf_counter() - t0,
-                            "n_pairs": len(xr)}
+                            "n_pairs": n_pairs}
     for n, f in ((a, x), (b, y)):
         if scales[n] is not None:
             info.setdefault("layer_scales", {})[n] = dict(zip(f.names, scales[n].scale.tolist()))
@@ -81,11 +77,9 @@ def fit(recipe: Recipe, overrides: dict[str, Any] | None, x: Features, y: Featur
     removed = getattr(aligner, "removed_rank", 0)
     if removed:
         info["nuisance_directions_removed"] = removed
-    log(f"fitted {recipe.closed_form} on {len(xr)} pairs in {info['train_seconds']:.2f}s"
+    log(f"fitted {recipe.closed_form} on {n_pairs} pairs in {info['train_seconds']:.2f}s"
         + (f" ({removed} within-concept {a} directions removed)" if removed else ""))
-    mx, my = aligner.projections_
-    chained = {n: m if scales[n] is None else Chain([scales[n], m]) for n, m in ((a, mx), (b, my))}
-    return Fitted(chained, CLOSED_FORM_LOGIT_SCALE, info)
+    return Fitted({a: maps["x"], b: maps["y"]}, CLOSED_FORM_LOGIT_SCALE, info)
 
 
 __all__ = ["CLOSED_FORM_LOGIT_SCALE", "Fitted", "fit"]

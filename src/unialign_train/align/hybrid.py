@@ -14,7 +14,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from unialign.projections import Chain, WeightedConcat
 
 from ..features.cache import Features
 from .closed_form import CLOSED_FORM, make_closed_form
+from .layer_weights import fit_balanced
 from .pairs import Pairs
 
 
@@ -67,13 +68,12 @@ class Fuse(BaseModel):
         return v
 
 
-def fit_closed_form_map(name: str, params: dict[str, Any], x: Features, y: Features, pairs: Pairs
-                        ) -> tuple[nn.Module, nn.Module]:
-    """A closed-form aligner fitted on every (x, y) combination of the pairs, as its two modules."""
-    aligner = make_closed_form(name, **params)
-    xr, yr, groups = pairs.all_pairs()
-    aligner.fit(x[xr], y[yr], groups=groups)
-    return aligner.projections_
+def fit_closed_form_map(name: str, params: dict[str, Any], x: Features, y: Features, pairs: Pairs,
+                        layer_weights: Mapping[str, float] | None = None) -> tuple[nn.Module, nn.Module]:
+    """A closed-form aligner fitted on every (x, y) combination of the pairs (layers balanced and weighted
+    by ``layer_weights``), as its two modules."""
+    maps, _, _ = fit_balanced(make_closed_form(name, **params), x, y, pairs, layer_weights)
+    return maps["x"], maps["y"]
 
 
 @torch.no_grad()
@@ -91,23 +91,25 @@ def remap_pairs(pairs: Pairs, x_rows: np.ndarray, y_rows: np.ndarray) -> Pairs:
 
 def fit_hybrid(recipe: Any, overrides: dict[str, Any] | None, x: Features, y: Features, pairs: Pairs,
                names: Sequence[str], validate: Callable[[Any], dict[str, float]] | None, checkpoint: Any,
-               device: str, log: Log, plain: Callable[..., Any], closed_recipe: Callable[[str], Any]
-               ) -> Any:
+               device: str, log: Log, plain: Callable[..., Any], closed_recipe: Callable[[str], Any],
+               layer_weights: Mapping[str, float] | None = None) -> Any:
     """Fit a recipe with ``anchor_input`` and/or ``fuse`` (module docstring). ``plain`` fits a recipe
-    without them (``fit``'s own path) and ``closed_recipe`` looks a recipe up by name."""
+    without them (``fit``'s own path) and ``closed_recipe`` looks a recipe up by name; ``layer_weights``
+    go to the closed-form parts (layer_weights.py)."""
     a, b = names
     base = recipe.model_copy(update={"anchor_input": None, "fuse": None})
     if recipe.anchor_input is not None:
         fitted = _fit_on_anchors(recipe.anchor_input, base, overrides, x, y, pairs, names, validate, checkpoint,
-                                 device, log, plain)
+                                 device, log, plain, layer_weights)
     else:
-        fitted = plain(base, overrides, x, y, pairs, names, validate, checkpoint, device, log)
+        fitted = plain(base, overrides, x, y, pairs, names, validate, checkpoint, device, log,
+                       layer_weights=layer_weights)
     if recipe.fuse is None:
         return fitted
     other = closed_recipe(recipe.fuse.recipe)
     if other.trained:
         raise ValueError(f"recipe {recipe.name}: fuse.recipe {other.name!r} must be a closed-form recipe")
-    closed = plain(other, None, x, y, pairs, names, None, None, device, log)
+    closed = plain(other, None, x, y, pairs, names, None, None, device, log, layer_weights=layer_weights)
     scores: list[float] = []
     if validate is None:  # e.g. a quick fit without a validation split: the recipe's stated default
         w = recipe.fuse.default
@@ -129,12 +131,13 @@ def fit_hybrid(recipe: Any, overrides: dict[str, Any] | None, x: Features, y: Fe
 
 def _fit_on_anchors(spec: AnchorInput, base: Any, overrides: dict[str, Any] | None, x: Features, y: Features,
                     pairs: Pairs, names: Sequence[str], validate: Callable[[Any], dict[str, float]] | None,
-                    checkpoint: Any, device: str, log: Log, plain: Callable[..., Any]) -> Any:
+                    checkpoint: Any, device: str, log: Log, plain: Callable[..., Any],
+                    layer_weights: Mapping[str, float] | None) -> Any:
     import time
 
     a, b = names
     t0 = time.perf_counter()
-    mx, my = fit_closed_form_map(spec.closed_form, spec.params, x, y, pairs)
+    mx, my = fit_closed_form_map(spec.closed_form, spec.params, x, y, pairs, layer_weights)
     xs, ys = np.unique(pairs.x_flat), np.unique(pairs.y_flat)
     ax, ay = mapped_features(mx, x, xs), mapped_features(my, y, ys)
     map_seconds = time.perf_counter() - t0

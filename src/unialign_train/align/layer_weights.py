@@ -8,8 +8,9 @@ layer is scaled to the same mean centred norm over the training rows, then multi
 docs/quality.md). The scales become a :class:`~unialign.projections.LayerScale` in front of the map,
 so a saved model applies them itself.
 
-Closed-form recipes only: a trained head standardises every input dimension first, which undoes any
-per-layer constant.
+Closed-form maps only (plain closed-form recipes, and the closed-form parts of hybrid and unpaired
+ones, all through :func:`fit_balanced`): a trained head standardises every input dimension first, which
+undoes any per-layer constant.
 """
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from torch import nn
 
 from unialign.errors import ConfigError, DataError
-from unialign.projections import LayerScale
+from unialign.projections import Chain, LayerScale
 
 from ..features.cache import Features
+from .pairs import Pairs
 
 
 def fit_layer_scale(feats: Features, rows: np.ndarray, weights: Mapping[str, float]) -> LayerScale | None:
@@ -45,6 +48,20 @@ def fit_layer_scale(feats: Features, rows: np.ndarray, weights: Mapping[str, flo
     return module
 
 
+def fit_balanced(aligner: Any, x: Features, y: Features, pairs: Pairs, weights: Mapping[str, float] | None
+                 ) -> tuple[dict[str, nn.Module], dict[str, LayerScale | None], int]:
+    """``aligner`` (a closed-form map) fitted on every (x, y) combination of ``pairs``, each side's layers
+    balanced and weighted by ``weights`` first (None: joined as they come). Returns its two modules, each
+    behind its :class:`LayerScale` where one was fitted (keys ``"x"``, ``"y"``), the scales, and the
+    number of anchor pairs."""
+    xr, yr, groups = pairs.all_pairs()  # one anchor per (x item, y item) combination of a record
+    scales = {k: fit_layer_scale(f, np.unique(r), weights) if weights is not None else None
+              for k, f, r in (("x", x, xr), ("y", y, yr))}
+    aligner.fit(apply_scale(scales["x"], x[xr]), apply_scale(scales["y"], y[yr]), groups=groups)
+    maps = dict(zip(("x", "y"), aligner.projections_))
+    return {k: m if scales[k] is None else Chain([scales[k], m]) for k, m in maps.items()}, scales, len(xr)
+
+
 def check_weight_names(weights: Mapping[str, float] | None, encoders: Mapping[str, Any]) -> None:
     """Every name in ``layer_weights`` must be a layer of one of the run's ``encoders``: a weight for a layer
     the run did not select is fine (``{final: 2}`` serves any layer set), a misspelt one is an error
@@ -63,4 +80,4 @@ def apply_scale(module: LayerScale | None, x: np.ndarray) -> np.ndarray:
     return x if module is None else module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
 
 
-__all__ = ["apply_scale", "check_weight_names", "fit_layer_scale"]
+__all__ = ["apply_scale", "check_weight_names", "fit_balanced", "fit_layer_scale"]

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..features.cache import Features
+from ..features.cache import Cached, Features
 from .hybrid import mapped_features
 from .pairs import Pairs
 
@@ -84,16 +84,25 @@ def with_pseudo_pairs(pairs: Pairs, x_rows: np.ndarray, y_rows: np.ndarray) -> P
     return Pairs.from_lists(xs, ys, pairs.groups.tolist() + list(range(start, start + len(x_rows))))
 
 
+def unpaired_rows(cached: Cached, records: Sequence[int], x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ``x`` and ``y`` feature rows of ``records`` (each sorted, without repeats), their pairing thrown
+    away: the ``unpaired`` argument of :func:`fit_unpaired`."""
+    def rows(m: str) -> np.ndarray:
+        parts = [cached[m].rows(int(i)) for i in records]
+        return np.unique(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
+    return rows(x), rows(y)
+
+
 def fit_unpaired(recipe: Any, overrides: dict[str, Any] | None, x: Features, y: Features, pairs: Pairs,
                  names: Sequence[str], unpaired: tuple[np.ndarray, np.ndarray] | None, device: str, log: Log,
-                 plain: Callable[..., Any]) -> Any:
+                 plain: Callable[..., Any], layer_weights: Mapping[str, float] | None = None) -> Any:
     """Fit ``recipe`` (closed-form, with an ``unpaired`` block) on ``pairs``, refined by the unpaired rows
     ``unpaired = (x rows, y rows)`` of ``x`` / ``y`` (module docstring). Without unpaired rows it is the
-    teacher alone."""
+    teacher alone. Every fit joins layers by ``layer_weights`` (layer_weights.py)."""
     t0 = time.perf_counter()
     spec: Unpaired = recipe.unpaired
     base = recipe.model_copy(update={"unpaired": None})
-    fitted = plain(base, overrides, x, y, pairs, names, None, None, device, log)
+    fitted = plain(base, overrides, x, y, pairs, names, None, None, device, log, layer_weights=layer_weights)
     if unpaired is None or min(len(unpaired[0]), len(unpaired[1])) == 0:
         log(f"{recipe.name}: no unpaired data given; the map fitted on the pairs alone")
         return type(fitted)(fitted.projections, fitted.logit_scale, {**fitted.info, "recipe": recipe.name, "pseudo_pairs": 0})
@@ -107,10 +116,11 @@ def fit_unpaired(recipe: Any, overrides: dict[str, Any] | None, x: Features, y: 
         i, j = pseudo_pairs(sinkhorn(scores, spec.epsilon, spec.iterations), spec.fraction)
         added = len(i)
         log(f"{recipe.name} round {r + 1}: {added} pseudo-pairs from {len(ux)} unpaired {a} and {len(uy)} {b} rows")
-        fitted = plain(base, overrides, x, y, with_pseudo_pairs(pairs, ux[i], uy[j]), names, None, None, device, log)
+        fitted = plain(base, overrides, x, y, with_pseudo_pairs(pairs, ux[i], uy[j]), names, None, None, device, log,
+                       layer_weights=layer_weights)
     info = {**fitted.info, "recipe": recipe.name, "pseudo_pairs": added, "n_unpaired": [len(ux), len(uy)],
             "train_seconds": time.perf_counter() - t0}
     return type(fitted)(fitted.projections, fitted.logit_scale, info)
 
 
-__all__ = ["Unpaired", "fit_unpaired", "pseudo_pairs", "sinkhorn", "with_pseudo_pairs"]
+__all__ = ["Unpaired", "fit_unpaired", "pseudo_pairs", "sinkhorn", "unpaired_rows", "with_pseudo_pairs"]

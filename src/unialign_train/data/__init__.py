@@ -16,7 +16,7 @@ from .fashion_mnist import build_fashion_mnist
 from .gm_notes import build_gm_notes
 from .manipulated import build_manipulated
 from .moving import build_moving
-from .protocol import DataConfig, Splits, balanced_subset, heldout_name, make_splits, split_concepts
+from .protocol import DataConfig, Splits, balanced_subset, heldout_name, make_splits, split_concepts, unpaired_training
 from .records import Dataset
 from .spoken import build_spoken
 from .tables import TABLE_SUFFIXES, from_image_folder, from_table
@@ -66,4 +66,4 @@ def load_dataset(spec: str, **kw: Any) -> Dataset:
 __all__ = ["DataConfig", "Dataset", "Splits", "balanced_subset", "build_emoji", "build_fashion_mnist", "build_gm_notes", "build_spoken", "build_fluent_anim",
            "build_manipulated", "build_moving",
            "from_image_folder",
-           "from_table", "heldout_name", "load_dataset", "make_splits", "split_concepts"]
+           "from_table", "heldout_name", "load_dataset", "make_splits", "split_concepts", "unpaired_training"]

@@ -172,6 +172,14 @@ def _shared_splits(ds: Dataset, cfg: DataConfig, own: dict) -> Splits:
     return sp
 
 
+def unpaired_training(ds: Dataset, cfg: DataConfig, splits: Splits) -> np.ndarray:
+    """Training records the run does not pair: those of the full training split that ``max_train_concepts``
+    (or ``data.subset``) left out. Their images and texts, with the pairing thrown away, are what a recipe
+    with an ``unpaired`` block learns from; empty when the run pairs every training record."""
+    full = make_splits(ds, cfg.model_copy(update={"max_train_concepts": None, "subset": None}))
+    return np.setdiff1d(full.train, splits.train)
+
+
 def heldout_name(ds: Dataset, splits: Splits) -> str:
     """The dataset name of the test records, e.g. ``emoji-test-apple``."""
     return f"{ds.name}-test" + (f"-{'+'.join(splits.test_styles)}" if splits.test_styles else "")
@@ -189,4 +197,4 @@ def balanced_subset(ds: Dataset, n: int, seed: int = 0) -> Dataset:
 
 
 __all__ = ["DataConfig", "PARTS", "Splits", "balanced_subset", "check_fractions", "make_splits", "protocol_styles",
-           "split_concepts", "heldout_name"]
+           "split_concepts", "heldout_name", "unpaired_training"]
