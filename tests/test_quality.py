@@ -349,6 +349,23 @@ def test_layer_weights_config_defaults_validates_and_switches_off() -> None:
         load_config(overrides={"layer_weights.final": -1})
 
 
+def test_the_default_jobs_recipe_settings_apply_until_a_recipe_is_named(tmp_path) -> None:
+    """The default job tunes ``unialign`` (``train.nuisance_rank: 64``); naming a recipe, in a file or by
+    --set, even ``unialign`` itself, starts from that preset's settings, so another recipe never inherits
+    a setting it does not have."""
+    from unialign_train.config import load_config
+
+    assert load_config().train == {"nuisance_rank": 64}
+    assert load_config(overrides={"train.k": 200}).train == {"nuisance_rank": 64, "k": 200}
+    assert load_config(overrides={"recipe": "linear"}).train == {}
+    assert load_config(overrides={"recipe": "unialign", "train.k": 200}).train == {"k": 200}
+    f = tmp_path / "job.yaml"
+    f.write_text("recipe: asif\n", encoding="utf-8")
+    assert load_config(f).train == {}
+    f.write_text("layers:\n  image: [final]\ntrain:\n  k: 100\n", encoding="utf-8")
+    assert load_config(f).train == {"nuisance_rank": 64, "k": 100}
+
+
 def test_a_users_layer_weights_replace_the_defaults_and_a_misspelt_layer_is_an_error(tmp_path) -> None:
     """A file's ``layer_weights`` are exactly its own (not added to the default's ``final: 2``); a weight
     for a layer the run did not select is allowed, one that names no layer of any encoder is a ConfigError."""
