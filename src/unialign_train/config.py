@@ -4,9 +4,10 @@ The built-in default is the data file ``configs/default.yaml`` inside this packa
 user's YAML or TOML file is merged onto it field by field (mappings merge key by key, ``{}`` empties a
 mapping, a ``null`` value inside one such as ``eval.zero_shot_sets`` removes that key; ``layer_weights``
 is one value, which a file replaces whole; the default's ``train`` settings apply only while no recipe is
-named), then ``--set a.b=value`` overrides, then everything is validated: types, ranges and choices from the registries of encoders' modalities, recipes, heads, losses
-and templates. Every error names the dotted field and what it accepts
-(``train.lr: Input should be greater than 0 (got -1)``), in one line, before any data or model is loaded.
+named), then ``--set a.b=value`` overrides, then everything is validated: types, ranges and choices from
+the registries of encoders' modalities, recipes, heads, losses and templates. Every error names the
+dotted field and what it accepts (``train.lr: Input should be greater than 0 (got -1)``), in one line,
+before any data or model is loaded.
 
 Sections: ``align`` (the two modalities to align), ``data`` (:class:`DataConfig`), ``encoders`` (a spec
 per modality), ``layers`` (per modality; ``[final]`` when absent), ``layer_weights`` (how several layers
