@@ -28,27 +28,26 @@ from unialign_train.select import resolve_layer_names
 
 # name -> (image size, image layers, recipe, overrides of the run config: the recipe's settings by name,
 # other sections dotted; "encoders.text" picks the bench's text encoder)
-RANK = {"nuisance_rank": 64}  # the default job's setting of unialign (default.yaml `train`)
-NEW = (224, "last-8", "unialign", RANK)
+NEW = (224, "last-8", "unialign-wide", {})
 CONFIGS: dict[str, tuple[int, str, str, dict[str, Any]]] = {
-    "new default (224 px, last-8 balanced, final x2, unialign nuisance rank 64)": NEW,
-    "previous default (224 px, last-8 balanced, final x2, unialign rank 32)": (224, "last-8", "unialign", {}),
-    "default before it (224 px, last-4 raw layers, unialign rank 32)": (224, "last-4", "unialign", {"layer_weights": None}),
-    "first default (128 px, final layer, unialign rank 32)": (128, "final", "unialign", {}),
+    "new default (224 px, last-8 balanced, final x2, unialign-wide)": NEW,
+    "previous default (224 px, last-8 balanced, final x2, unialign)": (224, "last-8", "unialign", {}),
+    "default before it (224 px, last-4 raw layers, unialign)": (224, "last-4", "unialign", {"layer_weights": None}),
+    "first default (128 px, final layer, unialign)": (128, "final", "unialign", {}),
     "ASIF (128 px, final layer; k=800, p=8, centred)": (128, "final", "asif", {}),
 }
 # each ingredient of the new default removed one at a time, and options it does not use
 ABLATIONS: dict[str, tuple[int, str, str, dict[str, Any]]] = {
-    "- 224 px (128 px)": (128, "last-8", "unialign", RANK),
-    "- extra layers (final only)": (224, "final", "unialign", RANK),
-    "- layer balancing (raw concatenation)": (224, "last-8", "unialign", {**RANK, "layer_weights": None}),
-    "- final x2 (balanced, equal weights)": (224, "last-8", "unialign", {**RANK, "layer_weights": {}}),
-    "- nuisance rank 64 (the preset's 32)": (224, "last-8", "unialign", {}),
-    "- nuisance removal (rank 0)": (224, "last-8", "unialign", {"nuisance_rank": 0}),
-    "- sparsify and sharpen (k=all, p=1)": (224, "last-8", "unialign", {**RANK, "k": None, "p": 1.0}),
-    "- centring": (224, "last-8", "unialign", {**RANK, "center": False}),
-    "+ concept prototypes (option)": (224, "last-8", "unialign", {**RANK, "prototypes": True}),
-    "option: all-mpnet-base-v2 text encoder": (224, "last-8", "unialign", {**RANK, "encoders.text": "st:all-mpnet-base-v2"}),
+    "- 224 px (128 px)": (128, "last-8", "unialign-wide", {}),
+    "- extra layers (final only)": (224, "final", "unialign-wide", {}),
+    "- layer balancing (raw concatenation)": (224, "last-8", "unialign-wide", {"layer_weights": None}),
+    "- final x2 (balanced, equal weights)": (224, "last-8", "unialign-wide", {"layer_weights": {}}),
+    "- nuisance rank 64 (unialign's 32)": (224, "last-8", "unialign", {}),
+    "- nuisance removal (rank 0)": (224, "last-8", "unialign-wide", {"nuisance_rank": 0}),
+    "- sparsify and sharpen (k=all, p=1)": (224, "last-8", "unialign-wide", {"k": None, "p": 1.0}),
+    "- centring": (224, "last-8", "unialign-wide", {"center": False}),
+    "+ concept prototypes (option)": (224, "last-8", "unialign-wide", {"prototypes": True}),
+    "option: all-mpnet-base-v2 text encoder": (224, "last-8", "unialign-wide", {"encoders.text": "st:all-mpnet-base-v2"}),
     "CSA on the same features": (224, "last-8", "csa", {}),
 }
 GOALS = {"acc1": 0.22, "acc5": 0.50, "low_acc1": 0.10, "fmnist_acc1": 0.50}
@@ -135,7 +134,7 @@ def render(rows: list[dict[str, Any]], paired: dict[str, Any], new: str) -> str:
 
 
 def render_ablation(rows: list[dict[str, Any]]) -> str:
-    return "\n".join(config_table(rows, "new default (224 px, last-8 balanced, final x2, unialign nuisance rank 64) ...",
+    return "\n".join(config_table(rows, "new default (224 px, last-8 balanced, final x2, unialign-wide) ...",
                                    MAIN_METRICS[:4]))
 
 if __name__ == "__main__":

@@ -36,11 +36,12 @@ import torch
 from _common import command, markdown, write
 from recipes import Bench, _in_memory, quiet
 from tune_unialign import STYLES
+from unialign_train.choose import with_layers
 from unialign_train.config import load_config
 from unialign_train.evaluate import ZeroShotSet, classification, zero_shot_predictions, zero_shot_set
 from unialign_train.evaluate.hubness import corrected_scores
 from unialign_train.evaluate.metrics import ranking_scores
-from unialign_train.features import ModalityFeatures, cache_features
+from unialign_train.features import cache_features
 from unialign_train.select import auto_candidates, resolve_layer_names
 
 SIZES = [128, 160, 192, 224]
@@ -86,14 +87,10 @@ class LayerBench(Bench):
 
     def use_layers(self, names: list[str]) -> None:
         """Read ``names`` (a subset of the candidate layers) from the in-memory candidate store."""
-        full = self.full["image"]
-        idx = [full.features.names.index(n) for n in names]
         for key, cached in (("image", self.cached), ("fm", self.fm and self.fm[1]),
                             ("fm_val", self.fm_val and self.fm_val[2])):
             if cached:
-                f = self.full[key]
-                cached.modalities["image"] = ModalityFeatures(f.modality, f.store, type(f.features)(
-                    [f.features.arrays[i] for i in idx], names), f.offsets, f.flat)
+                cached.modalities["image"] = with_layers(self.full[key], names)
         self.layers = {**self.layers, "image": list(names)}
         self.image_layers = list(names)
 

@@ -274,6 +274,8 @@ def test_nuisance_directions_recover_the_style_subspace() -> None:
     assert cosines.min() > 0.99
     assert nuisance_directions(img, np.arange(len(img)), 4).shape == (32, 0)  # singleton groups: nothing
     assert nuisance_directions(img, None, 4).shape == (32, 0)
+    # a rank chosen for wide features never empties a narrow space: at most half of its 32 dimensions go
+    assert nuisance_directions(img - img.mean(0), groups, 64).shape == (32, 16)
 
 
 def test_asif_nuisance_rank_matches_unseen_concepts_in_an_unseen_style() -> None:

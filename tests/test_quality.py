@@ -316,6 +316,10 @@ def test_layer_weights_reach_the_closed_form_parts_of_unpaired_and_hybrid_recipe
     first = head.projections["image"].parts[0]  # Chain([closed-form map, trained head])
     assert isinstance(first.parts[0], LayerScale)
     assert not any(isinstance(m, LayerScale) for m in head.projections["text"].modules())  # one text layer
+    fused = fit(get_recipe("fused"), {"epochs": 1, "batch_size": 64}, img, txt, pairs, ("image", "text"),
+                device="cpu", log=quiet, layer_weights={"final": 2.0})
+    trained, closed = fused.projections["image"].parts  # WeightedConcat([trained heads, closed-form map])
+    assert isinstance(closed.parts[0], LayerScale) and not any(isinstance(m, LayerScale) for m in trained.modules())
 
 
 def test_layer_scale_round_trips_and_rejects_a_layer_that_does_not_vary() -> None:
@@ -349,21 +353,17 @@ def test_layer_weights_config_defaults_validates_and_switches_off() -> None:
         load_config(overrides={"layer_weights.final": -1})
 
 
-def test_the_default_jobs_recipe_settings_apply_until_a_recipe_is_named(tmp_path) -> None:
-    """The default job tunes ``unialign`` (``train.nuisance_rank: 64``); naming a recipe, in a file or by
-    --set, even ``unialign`` itself, starts from that preset's settings, so another recipe never inherits
-    a setting it does not have."""
+def test_the_default_job_runs_unialign_wide_and_unialign_stays_the_rank_32_preset() -> None:
+    """The default job's recipe is ``unialign`` with 64 style directions removed; naming ``unialign`` gives
+    the preset of the recipe tables (32), and no setting of one leaks into another recipe."""
+    from unialign_train.align import get_recipe
     from unialign_train.config import load_config
 
-    assert load_config().train == {"nuisance_rank": 64}
-    assert load_config(overrides={"train.k": 200}).train == {"nuisance_rank": 64, "k": 200}
+    cfg = load_config()
+    wide, base = get_recipe(cfg.recipe), get_recipe("unialign")
+    assert cfg.recipe == "unialign-wide" and cfg.train == {}
+    assert wide.params == {**base.params, "nuisance_rank": 64} and base.params["nuisance_rank"] == 32
     assert load_config(overrides={"recipe": "linear"}).train == {}
-    assert load_config(overrides={"recipe": "unialign", "train.k": 200}).train == {"k": 200}
-    f = tmp_path / "job.yaml"
-    f.write_text("recipe: asif\n", encoding="utf-8")
-    assert load_config(f).train == {}
-    f.write_text("layers:\n  image: [final]\ntrain:\n  k: 100\n", encoding="utf-8")
-    assert load_config(f).train == {"nuisance_rank": 64, "k": 100}
 
 
 def test_a_users_layer_weights_replace_the_defaults_and_a_misspelt_layer_is_an_error(tmp_path) -> None:

@@ -11,11 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from unialign.errors import ConfigError
 from unialign.model import AlignedModel
 from unialign.projections import Chain, Tower, WeightedConcat, build_projection, projection_config
 from unialign_train.align import Recipe, fit, get_recipe, loop, make_pairs
 from unialign_train.align.hybrid import remap_pairs
 from unialign_train.align.pairs import Pairs
+from unialign_train.features import Features
 from unialign_train.align.unpaired import pseudo_pairs, sinkhorn, with_pseudo_pairs
 from unialign_train.evaluate import validator
 
@@ -249,3 +251,25 @@ def test_the_main_job_gives_a_low_data_run_its_left_out_training_records_as_unpa
     model, _, splits = train_model(full, log=lines.append)
     assert len(unpaired_training(load_dataset(str(tmp_path / "ds")), full.data, splits)) == 0
     assert model.info["pseudo_pairs"] == 0
+    with pytest.raises(ConfigError, match="'fianl' is not a layer of any encoder"):  # checked before any fit
+        train_model(load_config(overrides={**over, "layer_weights": {"fianl": 2.0}}), log=lines.append)
+
+
+def test_unpaired_data_beyond_max_rows_is_a_seeded_draw():
+    """The transport plan is dense (rows x rows): more unpaired rows than ``max_rows`` per side are a seeded
+    draw, said in the log, and the same draw on a rerun."""
+    rng = np.random.default_rng(0)
+    img = Features([rng.standard_normal((60, 8)).astype(np.float32)], ["final"])
+    txt = Features([rng.standard_normal((60, 6)).astype(np.float32)], ["final"])
+    pairs = Pairs.from_lists(list(range(20)), [[i] for i in range(20)], [i // 2 for i in range(20)])
+    base = get_recipe("unialign-unpaired")
+    recipe = base.model_copy(update={"unpaired": base.unpaired.model_copy(update={"max_rows": 15})})
+    lines: list[str] = []
+    unpaired = (np.arange(20, 60), np.arange(20, 60))
+    fits = [fit(recipe, {"k": 5, "nuisance_rank": 1}, img, txt, pairs, ("image", "text"), device="cpu",
+                log=lines.append, unpaired=unpaired) for _ in range(2)]
+    assert fits[0].info["n_unpaired"] == [15, 15]
+    assert any("a seeded draw of 15 of 40 unpaired image" in s for s in lines)
+    with torch.no_grad():
+        x = torch.from_numpy(img[np.arange(60)])
+        assert torch.equal(fits[0].projections["image"](x), fits[1].projections["image"](x))

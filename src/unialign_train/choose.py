@@ -61,7 +61,8 @@ def choose_layers(cached: Cached, splits: Splits, recipe_name: str, overrides: d
     """The best candidate layer set of ``modality`` (whose candidate store ``cached`` holds) and the
     table of every set's validation scores, best first. ``align`` names the two modalities; one of
     them must be text (the score is zero-shot classification of the other one). Each set is fitted
-    as the run will fit it (``layer_weights`` included)."""
+    as the run will fit it (``layer_weights`` included), except that a recipe's unpaired data are left
+    out: the sets are compared on their paired fits."""
     x, y = align
     if "text" not in align or x == y:
         raise ValueError(f"layers auto scores zero-shot classification, which needs text among {list(align)}")

@@ -3,11 +3,11 @@
 The built-in default is the data file ``configs/default.yaml`` inside this package (the emoji job). A
 user's YAML or TOML file is merged onto it field by field (mappings merge key by key, ``{}`` empties a
 mapping, a ``null`` value inside one such as ``eval.zero_shot_sets`` removes that key; ``layer_weights``
-is one value, which a file replaces whole; the default's ``train`` settings apply only while no recipe is
-named), then ``--set a.b=value`` overrides, then everything is validated: types, ranges and choices from
-the registries of encoders' modalities, recipes, heads, losses and templates. Every error names the
-dotted field and what it accepts (``train.lr: Input should be greater than 0 (got -1)``), in one line,
-before any data or model is loaded.
+is one value, which a file replaces whole, while ``--set layer_weights.block15=3`` sets one weight), then
+``--set a.b=value`` overrides, then everything is validated: types, ranges and choices from the registries
+of encoders' modalities, recipes, heads, losses and templates. Every error names the dotted field and what
+it accepts (``train.lr: Input should be greater than 0 (got -1)``), in one line, before any data or model
+is loaded.
 
 Sections: ``align`` (the two modalities to align), ``data`` (:class:`DataConfig`), ``encoders`` (a spec
 per modality), ``layers`` (per modality; ``[final]`` when absent), ``layer_weights`` (how several layers
@@ -134,16 +134,10 @@ WHOLE = ("layer_weights",)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """The packaged default, then the YAML/TOML file at ``path``, then dotted ``overrides``, validated.
-
-    The packaged default's ``train`` settings tune its recipe for the default job; a file or override that
-    names a recipe (even the same one) starts from that recipe's own settings, so ``recipe: X`` always
-    means the preset ``unialign recipes`` lists, plus the ``train`` settings given with it."""
+    """The packaged default, then the YAML/TOML file at ``path``, then dotted ``overrides``, validated."""
     raw = read_config_file(DEFAULT_CONFIG)
-    user = read_config_file(path) if path is not None else {}
-    if "recipe" in user or "recipe" in (overrides or {}):
-        raw["train"] = {}
     if path is not None:
+        user = read_config_file(path)
         raw = merge(raw, user)
         raw.update({k: copy.deepcopy(user[k]) for k in WHOLE if k in user})
     for dotted, value in (overrides or {}).items():

@@ -131,8 +131,11 @@ def nuisance_directions(xc: np.ndarray, groups: np.ndarray | None, rank: int) ->
     same caption), so how they differ (rendering style, colour, background) is exactly what the paired
     text cannot see. Removing these directions before comparing images is nuisance attribute
     projection (as in speaker verification). Only directions with non-zero within-group variance are
-    returned, so ``r`` is 0 when no group has two members; then nothing is removed.
+    returned, so ``r`` is 0 when no group has two members; then nothing is removed. At most half the
+    dimensions go: a rank chosen for wide features (64 of 2,592) must not empty a narrow encoder's space,
+    which would map every input to one point.
     """
+    rank = min(rank, xc.shape[1] // 2)
     if rank <= 0 or groups is None:
         return np.zeros((xc.shape[1], 0))
     means, labels = group_means(xc, groups)

@@ -3,7 +3,8 @@
 Concatenated raw layers weigh by their norms, which nobody chose: in EfficientNet-Lite0's
 ``[block13, block14, block15, final]`` the final embedding holds 6% of the centred variance and
 block14 37%, so the cosine that anchor representations rank by hardly sees the embedding. Here each
-layer is scaled to the same mean centred norm over the training rows, then multiplied by its weight
+layer is scaled to the same mean centred norm over the rows the map is fitted on (the training pairs;
+in ``unialign-unpaired``'s refit, its pseudo-pairs too), then multiplied by its weight
 (``layer_weights`` in the run config, by layer name, others 1; chosen on style-held-out validation,
 docs/quality.md). The scales become a :class:`~unialign.projections.LayerScale` in front of the map,
 so a saved model applies them itself.

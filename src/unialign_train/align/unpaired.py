@@ -46,6 +46,8 @@ class Unpaired(BaseModel):
     fraction: float = Field(0.5, gt=0.0, le=1.0, description="share of the mutual best matches kept (most certain first)")
     epsilon: float = Field(0.05, gt=0.0, description="entropic regularisation of the transport plan, in cosine units")
     iterations: int = Field(100, ge=1, description="Sinkhorn iterations")
+    max_rows: int = Field(8000, ge=1, description="at most this many unpaired rows per side, a seeded draw: the "
+                                                  "plan is dense (rows x rows floats, several copies per iteration)")
 
 
 def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
@@ -84,6 +86,11 @@ def with_pseudo_pairs(pairs: Pairs, x_rows: np.ndarray, y_rows: np.ndarray) -> P
     return Pairs.from_lists(xs, ys, pairs.groups.tolist() + list(range(start, start + len(x_rows))))
 
 
+def _at_most(rows: np.ndarray, n: int) -> np.ndarray:
+    """``rows``, or a seeded draw of ``n`` of them in their order."""
+    return rows if len(rows) <= n else np.sort(np.random.default_rng(0).choice(rows, size=n, replace=False))
+
+
 def unpaired_rows(cached: Cached, records: Sequence[int], x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
     """The ``x`` and ``y`` feature rows of ``records`` (each sorted, without repeats), their pairing thrown
     away: the ``unpaired`` argument of :func:`fit_unpaired`."""
@@ -106,8 +113,11 @@ def fit_unpaired(recipe: Any, overrides: dict[str, Any] | None, x: Features, y: 
     if unpaired is None or min(len(unpaired[0]), len(unpaired[1])) == 0:
         log(f"{recipe.name}: no unpaired data given; the map fitted on the pairs alone")
         return type(fitted)(fitted.projections, fitted.logit_scale, {**fitted.info, "recipe": recipe.name, "pseudo_pairs": 0})
-    ux, uy = (np.asarray(r, dtype=np.int64) for r in unpaired)
+    ux, uy = (_at_most(np.asarray(r, dtype=np.int64), spec.max_rows) for r in unpaired)
     a, b = names
+    if (len(ux), len(uy)) != tuple(len(r) for r in unpaired):
+        log(f"{recipe.name}: a seeded draw of {len(ux)} of {len(unpaired[0])} unpaired {a} and {len(uy)} of "
+            f"{len(unpaired[1])} {b} rows (unpaired.max_rows {spec.max_rows})")
     added = 0
     for r in range(spec.rounds):
         ex = torch.from_numpy(mapped_features(fitted.projections[a], x, ux)[np.arange(len(ux))])
