@@ -270,6 +270,6 @@ def test_unpaired_data_beyond_max_rows_is_a_seeded_draw():
                 log=lines.append, unpaired=unpaired) for _ in range(2)]
     assert fits[0].info["n_unpaired"] == [15, 15]
     assert any("a seeded draw of 15 of 40 unpaired image" in s for s in lines)
-    with torch.no_grad():
+    with torch.no_grad():  # a rerun along one code path, the same seeded draw: bit-identical
         x = torch.from_numpy(img[np.arange(60)])
         assert torch.equal(fits[0].projections["image"](x), fits[1].projections["image"](x))

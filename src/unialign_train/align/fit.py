@@ -65,8 +65,7 @@ def fit(recipe: Recipe, overrides: dict[str, Any] | None, x: Features, y: Featur
     params = closed_form_params(recipe, overrides)
     t0 = time.perf_counter()
     aligner = make_closed_form(recipe.closed_form, **params)
-    maps, by_side, n_pairs = fit_balanced(aligner, x, y, pairs, layer_weights)
-    scales = {a: by_side["x"], b: by_side["y"]}
+    maps, scales, n_pairs = fit_balanced(aligner, x, y, pairs, layer_weights, names)
     info: dict[str, Any] = {"recipe": recipe.name, "params": params, "train_seconds": time.perf_counter() - t0,
                             "n_pairs": n_pairs}
     for n, f in ((a, x), (b, y)):
@@ -79,7 +78,7 @@ def fit(recipe: Recipe, overrides: dict[str, Any] | None, x: Features, y: Featur
         info["nuisance_directions_removed"] = removed
     log(f"fitted {recipe.closed_form} on {n_pairs} pairs in {info['train_seconds']:.2f}s"
         + (f" ({removed} within-concept {a} directions removed)" if removed else ""))
-    return Fitted({a: maps["x"], b: maps["y"]}, CLOSED_FORM_LOGIT_SCALE, info)
+    return Fitted(maps, CLOSED_FORM_LOGIT_SCALE, info)
 
 
 __all__ = ["CLOSED_FORM_LOGIT_SCALE", "Fitted", "fit"]

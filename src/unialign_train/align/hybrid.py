@@ -72,7 +72,7 @@ def fit_closed_form_map(name: str, params: dict[str, Any], x: Features, y: Featu
                         layer_weights: Mapping[str, float] | None = None) -> tuple[nn.Module, nn.Module]:
     """A closed-form aligner fitted on every (x, y) combination of the pairs (layers balanced and weighted
     by ``layer_weights``), as its two modules."""
-    maps, _, _ = fit_balanced(make_closed_form(name, **params), x, y, pairs, layer_weights)
+    maps, _, _ = fit_balanced(make_closed_form(name, **params), x, y, pairs, layer_weights, ("x", "y"))
     return maps["x"], maps["y"]
 
 

@@ -15,7 +15,7 @@ undoes any per-layer constant.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -49,18 +49,19 @@ def fit_layer_scale(feats: Features, rows: np.ndarray, weights: Mapping[str, flo
     return module
 
 
-def fit_balanced(aligner: Any, x: Features, y: Features, pairs: Pairs, weights: Mapping[str, float] | None
-                 ) -> tuple[dict[str, nn.Module], dict[str, LayerScale | None], int]:
+def fit_balanced(aligner: Any, x: Features, y: Features, pairs: Pairs, weights: Mapping[str, float] | None,
+                 names: Sequence[str]) -> tuple[dict[str, nn.Module], dict[str, LayerScale | None], int]:
     """``aligner`` (a closed-form map) fitted on every (x, y) combination of ``pairs``, each side's layers
-    balanced and weighted by ``weights`` first (None: joined as they come). Returns its two modules, each
-    behind its :class:`LayerScale` where one was fitted (keys ``"x"``, ``"y"``), the scales, and the
-    number of anchor pairs."""
+    balanced and weighted by ``weights`` first (None: joined as they come). Returns, keyed by the two
+    modality ``names``, its modules (each behind its :class:`LayerScale` where one was fitted) and the
+    scales, and the number of anchor pairs."""
+    a, b = names
     xr, yr, groups = pairs.all_pairs()  # one anchor per (x item, y item) combination of a record
-    scales = {k: fit_layer_scale(f, np.unique(r), weights) if weights is not None else None
-              for k, f, r in (("x", x, xr), ("y", y, yr))}
-    aligner.fit(apply_scale(scales["x"], x[xr]), apply_scale(scales["y"], y[yr]), groups=groups)
-    maps = dict(zip(("x", "y"), aligner.projections_))
-    return {k: m if scales[k] is None else Chain([scales[k], m]) for k, m in maps.items()}, scales, len(xr)
+    scales = {n: fit_layer_scale(f, np.unique(r), weights) if weights is not None else None
+              for n, f, r in ((a, x, xr), (b, y, yr))}
+    aligner.fit(apply_scale(scales[a], x[xr]), apply_scale(scales[b], y[yr]), groups=groups)
+    maps = dict(zip((a, b), aligner.projections_))
+    return {n: m if scales[n] is None else Chain([scales[n], m]) for n, m in maps.items()}, scales, len(xr)
 
 
 def check_weight_names(weights: Mapping[str, float] | None, encoders: Mapping[str, Any]) -> None:
