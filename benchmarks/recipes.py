@@ -113,7 +113,7 @@ class Bench:
             ov[k if "." in k or k in RunConfig.model_fields else f"train.{k}"] = v
         return load_config(overrides=ov)
 
-    def unpaired_rows(self, cfg: RunConfig, splits: Splits, transductive: bool) -> tuple[np.ndarray, np.ndarray]:
+    def unpaired_data(self, cfg: RunConfig, splits: Splits, transductive: bool) -> tuple[np.ndarray, np.ndarray]:
         """Image and text rows without their pairing: the training concepts a low-data run leaves out
         (none on the full training set), or, ``transductive``, the test images and test concepts' captions."""
         recs = splits.test if transductive else unpaired_training(self.ds, cfg.data, splits)
@@ -127,7 +127,7 @@ class Bench:
         pairs = make_pairs(self.cached, splits.train, "image", "text")
         validate = (validator(self.cached, self.text_encoder, self.layers["text"], splits.val, "image", cfg.eval.templates)
                     if rec.trained else None)
-        unpaired = self.unpaired_rows(cfg, splits, transductive) if rec.unpaired is not None else None
+        unpaired = self.unpaired_data(cfg, splits, transductive) if rec.unpaired is not None else None
         torch.manual_seed(seed)
         fitted = fit(rec, cfg.train, self.cached["image"].features, self.cached["text"].features, pairs,
                      ("image", "text"), validate, None, "cpu", quiet, unpaired=unpaired,

