@@ -9,7 +9,7 @@ class-balanced subset of N training images scored zero-shot after a fit on every
 validation domain of another image type (grayscale product photos), beside the emoji criterion.
 
 Image features come from one store per image size holding every candidate layer
-(``final, block8 .. block15``); a candidate's layers are read from that store, so trying a layer set
+(``final, block8 .. block15``, or the layers ``--store-layers`` names); a candidate's layers are read from that store, so trying a layer set
 extracts nothing new.
 
     python3 benchmarks/quality_validation.py --stage layers       # size x layer set, current default recipe
@@ -51,12 +51,12 @@ class LayerBench(Bench):
     """A :class:`Bench` whose image features are a subset of the candidate-layer store of one size."""
 
     def __init__(self, size: int, fashion: bool = False, text: str | None = None, text_layers: str = "final",
-                 low: int | None = None, image: str = "effnet-lite0", fm_val: int = 0):
+                 low: int | None = None, image: str = "effnet-lite0", fm_val: int = 0, store: str | None = None):
         self.size = size
         self.max_train_concepts = low  # the low-data regime: a seeded draw of this many training concepts
         enc = f"{image}?image_size={size}"
         # the default job's layer weights (the recipe table's PROTOCOL pins raw concatenation)
-        base = {"encoders.image": enc, "layers.image": self._candidates(enc),
+        base = {"encoders.image": enc, "layers.image": self._candidates(enc, store),
                 "layer_weights": load_config().layer_weights}
         if text:
             base["encoders.text"] = text
@@ -81,9 +81,11 @@ class LayerBench(Bench):
     def _default_text() -> str:
         return load_config().encoders["text"]
 
-    def _candidates(self, spec: str) -> list[str]:
+    def _candidates(self, spec: str, store: str | None) -> list[str]:
+        """The store's layers: ``auto``'s candidates, or the layer names ``store`` gives (e.g. ``last-18``)."""
         from unialign.encoders import load_encoder
-        return auto_candidates(load_encoder(spec, device="cpu"))
+        encoder = load_encoder(spec, device="cpu")
+        return resolve_layer_names(encoder, store) if store else auto_candidates(encoder)
 
     def use_layers(self, names: list[str]) -> None:
         """Read ``names`` (a subset of the candidate layers) from the in-memory candidate store."""
@@ -173,7 +175,7 @@ def stage_layers(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
         bench = LayerBench(size, text=args.text, text_layers=args.text_layers, low=args.low, image=args.image,
-                           fm_val=args.fm_val)
+                           fm_val=args.fm_val, store=args.store_layers)
         for spec in args.layer_sets.split(";"):
             names = resolve_layer_names(bench.image_encoder, spec)
             bench.use_layers(names)
@@ -184,7 +186,7 @@ def stage_layers(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def stage_recipes(args: argparse.Namespace) -> list[dict[str, Any]]:
     bench = LayerBench(args.size, text=args.text, text_layers=args.text_layers, low=args.low, image=args.image,
-                       fm_val=args.fm_val)
+                       fm_val=args.fm_val, store=args.store_layers)
     bench.use_layers(resolve_layer_names(bench.image_encoder, args.layers))
     rows = []
     for spec in args.candidates.split(";"):
@@ -196,7 +198,7 @@ def stage_recipes(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def stage_hubness(args: argparse.Namespace) -> list[dict[str, Any]]:
     bench = LayerBench(args.size, text=args.text, text_layers=args.text_layers, low=args.low, image=args.image,
-                       fm_val=args.fm_val)
+                       fm_val=args.fm_val, store=args.store_layers)
     bench.use_layers(resolve_layer_names(bench.image_encoder, args.layers))
     hub = [("none", 0.0, 0)] + [(m, float(a), int(k)) for m, a, k in (h.split(":") for h in args.hub.split(",") if h)]
     rows = []
@@ -237,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                 "(the low-data regime: 200)")
     ap.add_argument("--fm-val", type=int, default=0, help="also score a class-balanced subset of this many "
                     "Fashion-MNIST *train* images (a second validation domain; 0: off)")
+    ap.add_argument("--store-layers", default=None, help="layers the image store holds, e.g. last-18 (default: "
+                    "auto's candidates, final and the 8 deepest); every candidate layer set must be among them")
     ap.add_argument("--name", default=None, help="result name suffix (default: the stage)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

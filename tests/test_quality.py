@@ -123,9 +123,29 @@ def test_layer_names_are_encoder_agnostic() -> None:
     assert resolve_layer_names(txt, ["last-1"]) == ["final"]
     assert resolve_layer_names(img, "last-4") == ["hidden", "final"]  # fewer layers than asked: all of them
     assert auto_candidates(img) == ["final", "hidden"]
-    for bad, msg in (("last-0", "no layer"), ("block3", "not a layer"), (["auto", "final"], "chosen")):
+    assert resolve_layer_names(img, ["last-8", "shallow-3"]) == ["hidden", "final"]  # a two-layer encoder: all
+    for bad, msg in (("last-0", "no layer"), ("shallow-0", "no layer"), ("block3", "not a layer"),
+                     (["auto", "final"], "chosen")):
         with pytest.raises(ConfigError, match=msg):
             resolve_layer_names(img, bad)
+
+
+def test_shallow_layers_spread_over_the_shallower_half() -> None:
+    """``shallow-N``: every ``len(half) // N``-th layer of the shallower half, from the shallowest; on
+    EfficientNet-Lite0's 18 layers (stem, block0-15, final) the default's ``shallow-3`` is stem, block2, block5."""
+    from types import SimpleNamespace
+
+    from unialign_train.select.layer_names import shallow_layers
+
+    lite0 = ["stem"] + [f"block{i}" for i in range(16)] + ["final"]
+    enc = SimpleNamespace(spec="lite0-like", layer_dims={n: 8 for n in lite0})
+    assert resolve_layer_names(enc, "shallow-3") == ["stem", "block2", "block5"]
+    assert resolve_layer_names(enc, ["last-8", "shallow-3"]) == ["stem", "block2", "block5"] + lite0[-8:]
+    assert shallow_layers(lite0, 1) == ["stem"]
+    assert shallow_layers(lite0, 9) == lite0[:9]  # the whole shallower half
+    assert shallow_layers(lite0, 20) == lite0[:9]  # never past it
+    assert shallow_layers(["layer0", "final"], 3) == ["layer0"]
+    assert shallow_layers(["final"], 2) == ["final"]
 
 
 def test_layers_auto_keeps_the_informative_layer_set_on_style_held_out_folds(real_emoji_features):

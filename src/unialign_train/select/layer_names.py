@@ -1,6 +1,8 @@
 """Encoder-agnostic layer names for configs: ``last-N`` means the N deepest layers of whatever encoder
 runs (the embedding ``final`` included), so one config works for EfficientNet (``block13, block14,
-block15, final``), MiniLM (``layer4, layer5, final``) or any other encoder.
+block15, final``), MiniLM (``layer4, layer5, final``) or any other encoder. ``shallow-N`` means N layers
+evenly spaced over the shallower half of the encoder, from the shallowest: the colour and texture statistics
+the deep layers have pooled away (EfficientNet-Lite0: ``stem, block2, block5``).
 
 ``auto`` (in ``layers`` of the main job) asks the job to choose among nested candidate sets on
 validation (:mod:`unialign_train.choose`); :func:`auto_candidates` names the layers it extracts for that.
@@ -15,6 +17,7 @@ from unialign.errors import ConfigError
 
 AUTO = "auto"
 _LAST = re.compile(r"^last-(\d+)$")
+_SHALLOW = re.compile(r"^shallow-(\d+)$")
 AUTO_DEPTH = 9  # candidate layers ``auto`` extracts: the embedding and the 8 deepest intermediate layers
 AUTO_SETS = ("last-1", "last-2", "last-3", "last-4", "last-6", "last-8")  # nested candidate sets ``auto`` compares
 
@@ -26,35 +29,43 @@ def depth_order(encoder: Any) -> list[str]:
 
 
 def is_layer_name(name: str) -> bool:
-    """A name a config may give besides an encoder's own layer names: ``last-N`` or ``auto``."""
-    return name == AUTO or bool(_LAST.match(name))
+    """A name a config may give besides an encoder's own layer names: ``last-N``, ``shallow-N`` or ``auto``."""
+    return name == AUTO or bool(_LAST.match(name) or _SHALLOW.match(name))
+
+
+def shallow_layers(order: Sequence[str], n: int) -> list[str]:
+    """``n`` layers evenly spaced over the shallower half of ``order`` (shallow to deep), the shallowest
+    first: every ``len(half) // n``-th layer. Fewer when the half has fewer than ``n`` layers."""
+    half = list(order[: max(1, len(order) // 2)])
+    return half[:: max(1, len(half) // n)][:n]
 
 
 def resolve_layer_names(encoder: Any, names: str | Sequence[str]) -> list[str]:
     """Concrete layers of ``encoder`` for config names, deepest last, without repeats.
 
-    Each name is a layer of the encoder or ``last-N`` (the N deepest, ``final`` included; all of them
-    when the encoder has fewer, so the default ``last-4`` works for a two-layer encoder too). A
-    comma-separated string is a list. ``auto`` is not resolved here: the main job chooses it (see the module doc).
+    Each name is a layer of the encoder, ``last-N`` (the N deepest, ``final`` included; all of them
+    when the encoder has fewer, so ``last-8`` works for a two-layer encoder too) or ``shallow-N``
+    (:func:`shallow_layers`). A comma-separated string is a list. ``auto`` is not resolved here: the main
+    job chooses it (see the module doc).
     """
     items = [s.strip() for s in names.split(",")] if isinstance(names, str) else [str(s) for s in names]
     order = depth_order(encoder)
     out: list[str] = []
     for name in (s for s in items if s):
-        m = _LAST.match(name)
+        last, shallow = _LAST.match(name), _SHALLOW.match(name)
         if name == AUTO:
             raise ConfigError(f"layers: {AUTO!r} is chosen by the main job on validation; it cannot be combined "
                               f"with other names (got {items})")
-        if m:
-            n = int(m.group(1))
+        if last or shallow:
+            n = int((last or shallow).group(1))
             if n < 1:
-                raise ConfigError(f"layers: {name} asks for no layer; say last-1 or more")
-            out += order[-n:]
+                raise ConfigError(f"layers: {name} asks for no layer; say {name.split('-')[0]}-1 or more")
+            out += order[-n:] if last else shallow_layers(order, n)
         elif name in encoder.layer_dims:
             out.append(name)
         else:
             raise ConfigError(f"layers: {name!r} is not a layer of {encoder.spec}; it has {', '.join(order)} "
-                              "(or say last-N for the N deepest)")
+                              "(or say last-N for the N deepest, shallow-N for N spread over the shallower half)")
     if not out:
         raise ConfigError("layers: give at least one layer name, e.g. [final] or [last-4]")
     rank = {n: i for i, n in enumerate(order)}
@@ -68,4 +79,5 @@ def auto_candidates(encoder: Any, depth: int = AUTO_DEPTH) -> list[str]:
     return [FINAL] + [n for n in deepest if n != FINAL]
 
 
-__all__ = ["AUTO", "AUTO_DEPTH", "AUTO_SETS", "auto_candidates", "depth_order", "is_layer_name", "resolve_layer_names"]
+__all__ = ["AUTO", "AUTO_DEPTH", "AUTO_SETS", "auto_candidates", "depth_order", "is_layer_name", "resolve_layer_names",
+           "shallow_layers"]
