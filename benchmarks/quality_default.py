@@ -1,6 +1,6 @@
 """The quality default (issue 15) on the test split, touched once after the choice on validation.
 
-Scores the new default, the previous default and ASIF on the public protocol (382 unseen concepts in
+Scores the new default, the earlier defaults and ASIF on the public protocol (382 unseen concepts in
 the unseen apple style; Fashion-MNIST zero-shot) on the full and the low-data (200 training concepts)
 training sets; a paired test (exact McNemar on the discordant test images, paired bootstrap 95%
 interval; ``benchmarks/paired.py``; top-1, top-5 and Fashion-MNIST top-1) of the new default against each
@@ -61,6 +61,8 @@ GOALS = {"acc1": 0.22, "acc5": 0.50, "low_acc1": 0.10, "fmnist_acc1": 0.50}
 
 
 def hits(bench: LayerBench, recipe: str, overrides: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Per-image top-1 / top-5 hits on the emoji test split and top-1 on Fashion-MNIST, for the paired tests.
+    ``Bench.run`` returns only the aggregates, so the (deterministic, closed-form) fit is made again here."""
     cfg = bench.config(recipe, 0, None, overrides)
     model, splits, _, _ = bench.fit(cfg, 0)
     emb, weights, _, labels, kept = zero_shot_predictions(model, bench.cached, splits.test, "image", cfg.eval.templates)
@@ -76,7 +78,7 @@ def hits(bench: LayerBench, recipe: str, overrides: dict[str, Any]) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=["main", "ablation"], default="main",
-                    help="main: the three configurations (full, low data, paired tests); ablation: full data only")
+                    help="main: the configurations of CONFIGS (full, low data, paired tests); ablation: full data only")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()

@@ -142,6 +142,7 @@ def test_shallow_layers_spread_over_the_shallower_half() -> None:
     assert resolve_layer_names(enc, "shallow-3") == ["stem", "block2", "block5"]
     assert resolve_layer_names(enc, ["last-8", "shallow-3"]) == ["stem", "block2", "block5"] + lite0[-8:]
     assert shallow_layers(lite0, 1) == ["stem"]
+    assert shallow_layers(lite0, 5) == ["stem", "block0", "block2", "block4", "block6"]  # spread, not bunched
     assert shallow_layers(lite0, 9) == lite0[:9]  # the whole shallower half
     assert shallow_layers(lite0, 20) == lite0[:9]  # never past it
     assert shallow_layers(["layer0", "final"], 3) == ["layer0"]

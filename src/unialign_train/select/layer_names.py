@@ -1,8 +1,8 @@
 """Encoder-agnostic layer names for configs: ``last-N`` means the N deepest layers of whatever encoder
 runs (the embedding ``final`` included), so one config works for EfficientNet (``block13, block14,
 block15, final``), MiniLM (``layer4, layer5, final``) or any other encoder. ``shallow-N`` means N layers
-evenly spaced over the shallower half of the encoder, from the shallowest: the colour and texture statistics
-the deep layers have pooled away (EfficientNet-Lite0: ``stem, block2, block5``).
+evenly spaced over the shallower half of the encoder, from the shallowest, meant to carry the low-level
+statistics the deep layers have pooled away (EfficientNet-Lite0: ``stem, block2, block5``).
 
 ``auto`` (in ``layers`` of the main job) asks the job to choose among nested candidate sets on
 validation (:mod:`unialign_train.choose`); :func:`auto_candidates` names the layers it extracts for that.
@@ -28,16 +28,12 @@ def depth_order(encoder: Any) -> list[str]:
     return [n for n in names if n != FINAL] + ([FINAL] if FINAL in names else [])
 
 
-def is_layer_name(name: str) -> bool:
-    """A name a config may give besides an encoder's own layer names: ``last-N``, ``shallow-N`` or ``auto``."""
-    return name == AUTO or bool(_LAST.match(name) or _SHALLOW.match(name))
-
-
 def shallow_layers(order: Sequence[str], n: int) -> list[str]:
     """``n`` layers evenly spaced over the shallower half of ``order`` (shallow to deep), the shallowest
-    first: every ``len(half) // n``-th layer. Fewer when the half has fewer than ``n`` layers."""
+    first: positions ``i * len(half) // n``. All of the half when it has fewer than ``n`` layers."""
     half = list(order[: max(1, len(order) // 2)])
-    return half[:: max(1, len(half) // n)][:n]
+    k = min(n, len(half))
+    return [half[i * len(half) // k] for i in range(k)]
 
 
 def resolve_layer_names(encoder: Any, names: str | Sequence[str]) -> list[str]:
@@ -79,5 +75,4 @@ def auto_candidates(encoder: Any, depth: int = AUTO_DEPTH) -> list[str]:
     return [FINAL] + [n for n in deepest if n != FINAL]
 
 
-__all__ = ["AUTO", "AUTO_DEPTH", "AUTO_SETS", "auto_candidates", "depth_order", "is_layer_name", "resolve_layer_names",
-           "shallow_layers"]
+__all__ = ["AUTO", "AUTO_DEPTH", "AUTO_SETS", "auto_candidates", "depth_order", "resolve_layer_names", "shallow_layers"]
