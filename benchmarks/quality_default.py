@@ -136,7 +136,8 @@ def render(rows: list[dict[str, Any]], paired: dict[str, Any], new: str) -> str:
     out += ["", "| goal (new default) | target | measured | met |", "|---|---|---|---|"]
     for k, target in GOALS.items():
         out.append(f"| {k} | {pct(target)} | {pct(first[k])} | {'yes' if first[k] >= target else 'no'} |")
-    out += ["", f"Paired tests, new default ({new}) against each baseline, on the same test images (382 emoji; 10,000 Fashion-MNIST):", "",
+    out += ["", f"Paired tests, new default ({new}) against each baseline, on the same test images "
+            "(382 emoji; 10,000 Fashion-MNIST):", "",
             "| against | metric | new % | baseline % | new - baseline (95% paired bootstrap) | only new right | "
             "only baseline right | McNemar exact p |", "|---|---|---|---|---|---|---|---|"]
     for other, res in paired.items():

@@ -9,8 +9,8 @@ class-balanced subset of N training images scored zero-shot after a fit on every
 validation domain of another image type (grayscale product photos), beside the emoji criterion.
 
 Image features come from one store per image size holding every candidate layer
-(``final, block8 .. block15``, or the layers ``--store-layers`` names); a candidate's layers are read from that store, so trying a layer set
-extracts nothing new.
+(``final, block8 .. block15``, or the layers ``--store-layers`` names); a candidate's layers are read from
+that store, so trying a layer set extracts nothing new.
 
     python3 benchmarks/quality_validation.py --stage layers       # size x layer set, current default recipe
     python3 benchmarks/quality_validation.py --stage recipes --size 224 --layers last-4

@@ -131,8 +131,8 @@ def test_layer_names_are_encoder_agnostic() -> None:
 
 
 def test_shallow_layers_spread_over_the_shallower_half() -> None:
-    """``shallow-N``: every ``len(half) // N``-th layer of the shallower half, from the shallowest; on
-    EfficientNet-Lite0's 18 layers (stem, block0-15, final) the default's ``shallow-3`` is stem, block2, block5."""
+    """``shallow-N``: the layers at positions ``i * len(half) // N`` of the shallower half, from the shallowest;
+    on EfficientNet-Lite0's 18 layers (stem, block0-15, final) the default's ``shallow-3`` is stem, block2, block5."""
     from types import SimpleNamespace
 
     from unialign_train.select.layer_names import shallow_layers
