@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fm-val", type=int, default=0, help="also score a class-balanced subset of this many "
                     "Fashion-MNIST *train* images (a second validation domain; 0: off)")
     ap.add_argument("--store-layers", default=None, help="layers the image store holds, e.g. last-18 (default: "
-                    "auto's candidates, final and the 8 deepest); every candidate layer set must be among them")
+                    "auto's candidates: final, the 8 deepest and shallow-3); every candidate layer set must be among them")
     ap.add_argument("--name", default=None, help="result name suffix (default: the stage)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

@@ -12,7 +12,7 @@ from unialign.errors import ConfigError
 from unialign.projections import build_projection, projection_config
 from unialign_train.align.closed_form import ASIF, CSA, ClosedFormConfigError, group_means, make_closed_form
 from unialign_train.evaluate.hubness import bank_bias, corrected_scores
-from unialign_train.select import auto_candidates, resolve_layer_names
+from unialign_train.select import auto_candidates, auto_sets, resolve_layer_names
 
 from tiny import TinyImageEncoder, TinyTextEncoder
 
@@ -123,6 +123,7 @@ def test_layer_names_are_encoder_agnostic() -> None:
     assert resolve_layer_names(txt, ["last-1"]) == ["final"]
     assert resolve_layer_names(img, "last-4") == ["hidden", "final"]  # fewer layers than asked: all of them
     assert auto_candidates(img) == ["final", "hidden"]
+    assert auto_sets(img) == {"last-1": ["final"], "last-2": ["hidden", "final"]}  # the rest repeat last-2
     assert resolve_layer_names(img, ["last-8", "shallow-3"]) == ["hidden", "final"]  # a two-layer encoder: all
     for bad, msg in (("last-0", "no layer"), ("shallow-0", "no layer"), ("block3", "not a layer"),
                      (["auto", "final"], "chosen")):
@@ -141,6 +142,10 @@ def test_shallow_layers_spread_over_the_shallower_half() -> None:
     enc = SimpleNamespace(spec="lite0-like", layer_dims={n: 8 for n in lite0})
     assert resolve_layer_names(enc, "shallow-3") == ["stem", "block2", "block5"]
     assert resolve_layer_names(enc, ["last-8", "shallow-3"]) == ["stem", "block2", "block5"] + lite0[-8:]
+    sets = auto_sets(enc)  # ``auto`` compares the default's set too, and extracts each layer once
+    assert list(sets) == ["last-1", "last-2", "last-3", "last-4", "last-6", "last-8", "last-4,shallow-3", "last-8,shallow-3"]
+    assert sets["last-8,shallow-3"] == resolve_layer_names(enc, ["last-8", "shallow-3"])
+    assert auto_candidates(enc) == ["final", "stem", "block2", "block5"] + lite0[-8:-1]
     assert shallow_layers(lite0, 1) == ["stem"]
     assert shallow_layers(lite0, 5) == ["stem", "block0", "block2", "block4", "block6"]  # spread, not bunched
     assert shallow_layers(lite0, 9) == lite0[:9]  # the whole shallower half
@@ -177,7 +182,7 @@ def test_layers_auto_keeps_the_informative_layer_set_on_style_held_out_folds(rea
         assert style not in {r.dataset.records[int(i)]["style"] for i in tr}
         assert not set(va.tolist()) & set(tr.tolist()) and not set(va.tolist()) & set(r.heldout.tolist())
     best, table = choose_layers(cached, splits, "asif", None, ("image", "text"), "image", r.text_encoder, ["final"],
-                                "emoji", log=lambda s: None, sets=("last-1", "last-2"))
+                                "emoji", {"last-1": ["final"], "last-2": ["noise", "final"]}, log=lambda s: None)
     assert best == ["final"] and [row["set"] for row in table] == ["last-1", "last-2"]
     assert table[0]["val_acc1"] > 3 * (1 / len(val_c)) and table[0]["score"] > table[1]["score"]
     assert cached["image"] is loud  # the candidate store is left as it was
@@ -242,12 +247,13 @@ def test_prototype_options_learn_held_out_concepts(recipe, overrides, real_emoji
 
 @pytest.mark.slow
 def test_main_job_chooses_layers_on_validation(tmp_path):
-    """``layers: {image: auto}`` in the main job: candidate layers extracted once, each nested set scored on
+    """``layers: {image: auto}`` in the main job: candidate layers extracted once, each candidate set scored on
     held-out-style folds, the best one saved in the model (and its table in the model's info); the model
     then classifies unseen concepts in the unseen style well above chance."""
     from unialign.model import AlignedModel
     from unialign_train.config import load_config
     from unialign_train.pipeline import run
+    from unialign_train.select.layer_names import AUTO_SETS
 
     cfg = load_config(overrides={"output": str(tmp_path / "run"), "encoders.image": "effnet-lite0?image_size=64",
                                  "layers.image": "auto", "recipe": "asif", "eval.zero_shot_sets": {},
@@ -255,7 +261,7 @@ def test_main_job_chooses_layers_on_validation(tmp_path):
     out = run(cfg, log=lambda s: None)
     model = AlignedModel.from_pretrained(tmp_path / "run" / "model")
     table = model.info["layers_auto"]["image"]
-    assert [r["set"] for r in sorted(table, key=lambda r: r["set"])] == ["last-1", "last-2", "last-3", "last-4", "last-6", "last-8"]
+    assert sorted(r["set"] for r in table) == sorted(AUTO_SETS)
     assert model.layers["image"] == table[0]["layers"] and table[0]["score"] == max(r["score"] for r in table)
     zs = next(r for r in out["records"] if r["task"] == "zeroshot_classification")
     assert zs["metrics"]["acc1"] >= 10 * zs["chance"]["acc1"]

@@ -1,10 +1,11 @@
 """``layers: {image: auto}``: the main job chooses which encoder layers to align, on validation.
 
 The job extracts one store with the candidate layers (:func:`~unialign_train.select.auto_candidates`:
-the embedding and the deepest intermediate layers), then fits the run's own recipe once per nested
-candidate set (``last-1`` = the embedding alone, ``last-2``, ...; :data:`~unialign_train.select.layer_names.AUTO_SETS`)
-and keeps the set with the best validation score, the early-stopping score (mean of zero-shot top-1 and
-top-5 among the validation concepts).
+the embedding, the deepest intermediate layers and three shallow ones), then fits the run's own recipe
+once per candidate set (``last-1`` = the embedding alone, ``last-2``, ... ``last-8``, and ``last-4`` /
+``last-8`` with ``shallow-3``: :data:`~unialign_train.select.layer_names.AUTO_SETS`, resolved for the
+encoder by :func:`~unialign_train.select.auto_sets`) and keeps the set with the best validation score, the
+early-stopping score (mean of zero-shot top-1 and top-5 among the validation concepts).
 
 Validation is built like the test when it can be: with two or more training styles, each fold fits on the
 training records outside one training style and scores the validation concepts drawn in that style (a
@@ -24,7 +25,6 @@ from .align import fit, get_recipe, make_pairs
 from .data import Splits
 from .evaluate import validator
 from .features import Cached, Features, ModalityFeatures
-from .select.layer_names import AUTO_SETS, resolve_layer_names
 
 Log = Callable[[str], None]
 
@@ -55,11 +55,12 @@ def validation_folds(cached: Cached, splits: Splits) -> list[tuple[str, np.ndarr
 
 def choose_layers(cached: Cached, splits: Splits, recipe_name: str, overrides: dict[str, Any] | None,
                   align: Sequence[str], modality: str, text_encoder: Any, text_layers: Sequence[str],
-                  templates: str | Sequence[str], device: str = "cpu", log: Log = print,
-                  sets: Sequence[str] = AUTO_SETS, layer_weights: Mapping[str, float] | None = None
+                  templates: str | Sequence[str], sets: Mapping[str, Sequence[str]], device: str = "cpu",
+                  log: Log = print, layer_weights: Mapping[str, float] | None = None
                   ) -> tuple[list[str], list[dict[str, Any]]]:
-    """The best candidate layer set of ``modality`` (whose candidate store ``cached`` holds) and the
-    table of every set's validation scores, best first. ``align`` names the two modalities; one of
+    """The best of the candidate layer sets ``sets`` (name -> layers, e.g. ``auto_sets(encoder)``) of
+    ``modality``, whose candidate store ``cached`` holds, and the table of every set's validation
+    scores, best first. ``align`` names the two modalities; one of
     them must be text (the score is zero-shot classification of the other one). Each set is fitted
     as the run will fit it (``layer_weights`` included), except that a recipe's unpaired data are left
     out: the sets are compared on their paired fits."""
@@ -69,12 +70,11 @@ def choose_layers(cached: Cached, splits: Splits, recipe_name: str, overrides: d
     query = x if y == "text" else y
     recipe = get_recipe(recipe_name)
     full = cached[modality]
-    encoder_like = _LayerList(full.features.names)
     folds = validation_folds(cached, splits)
     text = _MemoText(text_encoder)  # every fold and layer set scores the same prompts: encode them once
     rows = []
-    for spec in sets:
-        names = resolve_layer_names(encoder_like, spec)
+    for spec, names in sets.items():
+        names = list(names)
         cached.modalities[modality] = with_layers(full, names)
         try:
             tl = names if modality == "text" else text_layers
@@ -110,16 +110,6 @@ class _MemoText:
             out = torch.as_tensor(self.encoder.encode(todo, **{**kw, "convert_to_numpy": False}, layers=list(layers)))
             self.memo.update({(t, key): row for t, row in zip(todo, out)})
         return torch.stack([self.memo[(t, key)] for t in texts])
-
-
-class _LayerList:
-    """The candidate layers as an encoder-like object for :func:`resolve_layer_names` (``last-N`` counts
-    within the candidates, which are the encoder's deepest layers in depth order after ``final``)."""
-
-    def __init__(self, names: Sequence[str]):
-        inner = [n for n in names if n != "final"]
-        self.layer_dims = {n: 0 for n in [*inner, "final"]}
-        self.spec = "the candidate layers"
 
 
 __all__ = ["choose_layers", "validation_folds", "with_layers"]

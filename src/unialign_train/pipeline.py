@@ -21,7 +21,7 @@ from .config import RunConfig, to_dict
 from .data import Splits, heldout_name, load_dataset, make_splits, unpaired_training
 from .evaluate import classification, evaluate_split, validator, zero_shot_sets
 from .features import Cached, cache_features
-from .select import AUTO, auto_candidates, resolve_layer_names
+from .select import AUTO, auto_candidates, auto_sets, resolve_layer_names
 
 Log = Callable[[str], None]
 
@@ -43,8 +43,8 @@ def train_model(cfg: RunConfig, log: Log = print) -> tuple[AlignedModel, Cached,
     chosen = {}
     for m in auto:  # layers: {m: auto}: the best candidate set on validation (unialign_train.choose)
         best, table = choose_layers(cached, splits, cfg.recipe, cfg.train, cfg.align, m, encoders.get("text"),
-                                    layers.get("text", ["final"]), cfg.eval.templates, cfg.device, log,
-                                    layer_weights=cfg.layer_weights)
+                                    layers.get("text", ["final"]), cfg.eval.templates, auto_sets(encoders[m]),
+                                    cfg.device, log, layer_weights=cfg.layer_weights)
         cached.modalities[m], layers[m], chosen[m] = with_layers(cached[m], best), best, table
         log(f"layers auto: {m} uses {', '.join(best)}")
     pairs = make_pairs(cached, splits.train, x, y)

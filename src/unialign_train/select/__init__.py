@@ -9,8 +9,8 @@
 Heavy pieces (encoders, matplotlib) are imported inside the functions that need them.
 """
 from .metrics import METRICS, calibrate, cknna, linear_cka, mutual_knn, rbf_cka, register_metric, rice_k, score_all, svcca, unbiased_cka
-from .layer_names import AUTO, auto_candidates, resolve_layer_names
+from .layer_names import AUTO, auto_candidates, auto_sets, resolve_layer_names
 from .selection import Selection, score_grid, select, select_metrics
 
-__all__ = ["AUTO", "METRICS", "Selection", "auto_candidates", "resolve_layer_names", "calibrate", "cknna", "linear_cka", "mutual_knn", "rbf_cka", "register_metric",
+__all__ = ["AUTO", "METRICS", "Selection", "auto_candidates", "auto_sets", "resolve_layer_names", "calibrate", "cknna", "linear_cka", "mutual_knn", "rbf_cka", "register_metric",
            "rice_k", "score_all", "score_grid", "select", "select_metrics", "svcca", "unbiased_cka"]

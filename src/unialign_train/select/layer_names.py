@@ -4,8 +4,9 @@ block15, final``), MiniLM (``layer4, layer5, final``) or any other encoder. ``sh
 evenly spaced over the shallower half of the encoder, from the shallowest, meant to carry the low-level
 statistics the deep layers have pooled away (EfficientNet-Lite0: ``stem, block2, block5``).
 
-``auto`` (in ``layers`` of the main job) asks the job to choose among nested candidate sets on
-validation (:mod:`unialign_train.choose`); :func:`auto_candidates` names the layers it extracts for that.
+``auto`` (in ``layers`` of the main job) asks the job to choose among the candidate sets
+:data:`AUTO_SETS` on validation (:mod:`unialign_train.choose`); :func:`auto_sets` resolves them for one
+encoder and :func:`auto_candidates` names the layers it extracts for that.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from unialign.errors import ConfigError
 AUTO = "auto"
 _LAST = re.compile(r"^last-(\d+)$")
 _SHALLOW = re.compile(r"^shallow-(\d+)$")
-AUTO_DEPTH = 9  # candidate layers ``auto`` extracts: the embedding and the 8 deepest intermediate layers
-AUTO_SETS = ("last-1", "last-2", "last-3", "last-4", "last-6", "last-8")  # nested candidate sets ``auto`` compares
+# The sets ``auto`` compares: nested deep sets, and last-4 / last-8 with the shallow layers the default adds.
+AUTO_SETS = ("last-1", "last-2", "last-3", "last-4", "last-6", "last-8", "last-4,shallow-3", "last-8,shallow-3")
 
 
 def depth_order(encoder: Any) -> list[str]:
@@ -68,11 +69,23 @@ def resolve_layer_names(encoder: Any, names: str | Sequence[str]) -> list[str]:
     return sorted(dict.fromkeys(out), key=rank.__getitem__)
 
 
-def auto_candidates(encoder: Any, depth: int = AUTO_DEPTH) -> list[str]:
-    """The layers ``auto`` extracts (one store): ``final`` first, then the ``depth - 1`` deepest
-    intermediate layers shallow to deep. Every set of :data:`AUTO_SETS` is read from this store."""
-    deepest = resolve_layer_names(encoder, f"last-{min(depth, len(depth_order(encoder)))}")
-    return [FINAL] + [n for n in deepest if n != FINAL]
+def auto_sets(encoder: Any, sets: Sequence[str] = AUTO_SETS) -> dict[str, list[str]]:
+    """The candidate sets of ``auto`` as ``encoder``'s layers, by name; a set whose layers equal an earlier
+    one's is left out (on a two-layer encoder every ``last-N`` with N >= 2 is the same set), so no set is
+    fitted twice."""
+    out: dict[str, list[str]] = {}
+    for spec in sets:
+        names = resolve_layer_names(encoder, spec)
+        if names not in out.values():
+            out[spec] = names
+    return out
 
 
-__all__ = ["AUTO", "AUTO_DEPTH", "AUTO_SETS", "auto_candidates", "depth_order", "resolve_layer_names", "shallow_layers"]
+def auto_candidates(encoder: Any) -> list[str]:
+    """The layers ``auto`` extracts (one store): ``final`` first, then every other layer of
+    :func:`auto_sets` shallow to deep. Every candidate set is read from this store."""
+    used = {n for names in auto_sets(encoder).values() for n in names}
+    return [FINAL] + [n for n in depth_order(encoder) if n in used and n != FINAL]
+
+
+__all__ = ["AUTO", "AUTO_SETS", "auto_candidates", "auto_sets", "depth_order", "resolve_layer_names", "shallow_layers"]
