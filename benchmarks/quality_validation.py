@@ -9,7 +9,8 @@ class-balanced subset of N training images scored zero-shot after a fit on every
 validation domain of another image type (grayscale product photos), beside the emoji criterion.
 
 Image features come from one store per image size holding every candidate layer
-(``final, block8 .. block15``, or the layers ``--store-layers`` names); a candidate's layers are read from
+(``layers: auto``'s candidates: on EfficientNet-Lite0 ``final``, ``stem, block2, block5``, ``block9 .. block15``;
+or the layers ``--store-layers`` names); a candidate's layers are read from
 that store, so trying a layer set extracts nothing new.
 
     python3 benchmarks/quality_validation.py --stage layers       # size x layer set, current default recipe
@@ -240,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fm-val", type=int, default=0, help="also score a class-balanced subset of this many "
                     "Fashion-MNIST *train* images (a second validation domain; 0: off)")
     ap.add_argument("--store-layers", default=None, help="layers the image store holds, e.g. last-18 (default: "
-                    "auto's candidates: final, the 8 deepest and shallow-3); every candidate layer set must be among them")
+                    "auto's candidates: last-8, final included, and shallow-3); every candidate layer set must be "
+                    "among them")
     ap.add_argument("--name", default=None, help="result name suffix (default: the stage)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
