@@ -29,8 +29,8 @@ from unialign_train.select import resolve_layer_names
 
 # name -> (image size, image layers, recipe, overrides of the run config: the recipe's settings by name,
 # other sections dotted; "encoders.text" picks the bench's text encoder)
-STORE = "last-8,shallow-3"  # every image store holds these layers: each configuration's are among them
-NEW = (224, "last-8,shallow-3", "unialign-wide", {})
+LAYERS = "last-8,shallow-3"  # the new default's image layers; every store holds them (and so every configuration's)
+NEW = (224, LAYERS, "unialign-wide", {})
 CONFIGS: dict[str, tuple[int, str, str, dict[str, Any]]] = {
     "new default (224 px, last-8 + shallow-3 balanced, final x2, unialign-wide)": NEW,
     "previous default (224 px, last-8 balanced, final x2, unialign-wide)": (224, "last-8", "unialign-wide", {}),
@@ -41,20 +41,20 @@ CONFIGS: dict[str, tuple[int, str, str, dict[str, Any]]] = {
 }
 # each ingredient of the new default removed one at a time, and options it does not use
 ABLATIONS: dict[str, tuple[int, str, str, dict[str, Any]]] = {
-    "- 224 px (128 px)": (128, "last-8,shallow-3", "unialign-wide", {}),
+    "- 224 px (128 px)": (128, LAYERS, "unialign-wide", {}),
     "- shallow layers (last-8)": (224, "last-8", "unialign-wide", {}),
     "- deep layers (final and shallow-3)": (224, "final,shallow-3", "unialign-wide", {}),
     "- extra layers (final only)": (224, "final", "unialign-wide", {}),
-    "- layer balancing (raw concatenation)": (224, "last-8,shallow-3", "unialign-wide", {"layer_weights": None}),
-    "- final x2 (balanced, equal weights)": (224, "last-8,shallow-3", "unialign-wide", {"layer_weights": {}}),
-    "- nuisance rank 64 (unialign's 32)": (224, "last-8,shallow-3", "unialign", {}),
-    "- nuisance removal (rank 0)": (224, "last-8,shallow-3", "unialign-wide", {"nuisance_rank": 0}),
-    "- sparsify and sharpen (k=all, p=1)": (224, "last-8,shallow-3", "unialign-wide", {"k": None, "p": 1.0}),
-    "- centring": (224, "last-8,shallow-3", "unialign-wide", {"center": False}),
-    "+ concept prototypes (option)": (224, "last-8,shallow-3", "unialign-wide", {"prototypes": True}),
-    "option: all-mpnet-base-v2 text encoder": (224, "last-8,shallow-3", "unialign-wide",
+    "- layer balancing (raw concatenation)": (224, LAYERS, "unialign-wide", {"layer_weights": None}),
+    "- final x2 (balanced, equal weights)": (224, LAYERS, "unialign-wide", {"layer_weights": {}}),
+    "- nuisance rank 64 (unialign's 32)": (224, LAYERS, "unialign", {}),
+    "- nuisance removal (rank 0)": (224, LAYERS, "unialign-wide", {"nuisance_rank": 0}),
+    "- sparsify and sharpen (k=all, p=1)": (224, LAYERS, "unialign-wide", {"k": None, "p": 1.0}),
+    "- centring": (224, LAYERS, "unialign-wide", {"center": False}),
+    "+ concept prototypes (option)": (224, LAYERS, "unialign-wide", {"prototypes": True}),
+    "option: all-mpnet-base-v2 text encoder": (224, LAYERS, "unialign-wide",
                                                {"encoders.text": "st:all-mpnet-base-v2"}),
-    "CSA on the same features": (224, "last-8,shallow-3", "csa", {}),
+    "CSA on the same features": (224, LAYERS, "csa", {}),
 }
 PAIRED = ("acc1", "acc5", "fmnist_acc1")  # paired per test image: 382 emoji, 10,000 Fashion-MNIST
 GOALS = {"acc1": 0.22, "acc5": 0.50, "low_acc1": 0.10, "fmnist_acc1": 0.50}
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         ov = dict(ov)
         text = ov.pop("encoders.text", None)
         if (size, text) not in benches:
-            benches[size, text] = LayerBench(size, fashion=True, text=text, store=STORE)
+            benches[size, text] = LayerBench(size, fashion=True, text=text, store=LAYERS)
         b = benches[size, text]
         b.use_layers(resolve_layer_names(b.image_encoder, layers))
         full = b.run(recipe, 0, None, ov)
@@ -149,8 +149,8 @@ def render(rows: list[dict[str, Any]], paired: dict[str, Any], new: str) -> str:
 
 
 def render_ablation(rows: list[dict[str, Any]]) -> str:
-    return "\n".join(config_table(rows, "new default (224 px, last-8 + shallow-3 balanced, final x2, unialign-wide) ...",
-                                   MAIN_METRICS[:4]))
+    return "\n".join(config_table(rows, "new default (224 px, last-8 + shallow-3 balanced, final x2, "
+                                         "unialign-wide) ...", MAIN_METRICS[:4]))
 
 if __name__ == "__main__":
     sys.exit(main())

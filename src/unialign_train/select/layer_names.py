@@ -69,12 +69,12 @@ def resolve_layer_names(encoder: Any, names: str | Sequence[str]) -> list[str]:
     return sorted(dict.fromkeys(out), key=rank.__getitem__)
 
 
-def auto_sets(encoder: Any, sets: Sequence[str] = AUTO_SETS) -> dict[str, list[str]]:
-    """The candidate sets of ``auto`` as ``encoder``'s layers, by name; a set whose layers equal an earlier
-    one's is left out (on a two-layer encoder every ``last-N`` with N >= 2 is the same set), so no set is
-    fitted twice."""
+def auto_sets(encoder: Any) -> dict[str, list[str]]:
+    """The candidate sets of ``auto`` (:data:`AUTO_SETS`) as ``encoder``'s layers, by name; a set whose layers
+    equal an earlier one's is left out (on a two-layer encoder every ``last-N`` with N >= 2 is the same set),
+    so no set is fitted twice."""
     out: dict[str, list[str]] = {}
-    for spec in sets:
+    for spec in AUTO_SETS:
         names = resolve_layer_names(encoder, spec)
         if names not in out.values():
             out[spec] = names
